@@ -1,0 +1,182 @@
+"""The ``afmbench`` command.
+
+``afmbench run [-m] [key=value ...]`` runs (or, with ``-m``, sweeps) through Hydra;
+``afmbench`` alone runs the embedded offline default. Before Hydra starts, every override
+(every combination, in a sweep) is composed and checked, so a typo, an unknown name or a
+wrong type is one line and exit code 2 instead of a traceback. Errors raised while running
+(missing data, a diverged loss) are reported the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import sys
+from typing import Callable, Sequence
+
+from afmbench.errors import AfmbenchError, ConfigError
+
+USAGE = """usage: afmbench [command] [options]
+
+commands:
+  run [-m] [key=value ...]   train a strategy on a scenario (the default command);
+                             -m sweeps comma-separated values, e.g. strategy=naive,ewc seed=0,1
+  leaderboard [--scenario S] [--format table|markdown|csv|html] [--db PATH]
+                             rank finished runs
+  probe RUN_DIR              analyse a finished run (sparsity, importance, ablations)
+
+`afmbench run --help` lists the configuration groups and their options."""
+
+# Hydra flags that only print information; nothing is validated or run for them.
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
+MAX_CHECKED_COMBINATIONS = 64
+
+_failed_jobs: list[str] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``afmbench`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if args and args[0] in COMMANDS:
+        command, args = args[0], args[1:]
+    else:
+        command = "run"
+    return COMMANDS[command](args)
+
+
+def report(error: AfmbenchError) -> None:
+    """Print a user error as the one line the standards ask for."""
+    print(f"afmbench: error: {error}", file=sys.stderr, flush=True)
+
+
+def run_command(args: list[str]) -> int:
+    """``afmbench run``: check the overrides, then hand over to Hydra."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    if not any(a.split("=")[0] in INFO_FLAGS for a in args):
+        try:
+            check_overrides(overrides, multirun)
+        except AfmbenchError as error:
+            report(error)
+            return error.exit_code
+    return launch_hydra(route_run_dir(args, multirun))
+
+
+def check_overrides(overrides: list[str], multirun: bool) -> None:
+    """Compose and plan every combination of the overrides; raise :class:`ConfigError` on the
+    first problem. Large sweeps check their first combinations only."""
+    from afmbench.config import load_config
+    from afmbench.runner import plan
+
+    for combination in itertools.islice(expand_sweeps(overrides, multirun), MAX_CHECKED_COMBINATIONS):
+        try:
+            cfg = load_config(combination)
+        except Exception as exc:  # Hydra's composition errors, translated below
+            raise explain_hydra_error(exc, combination) from exc
+        plan(cfg)
+
+
+def expand_sweeps(overrides: list[str], multirun: bool):
+    """Every combination of a sweep's values as a list of plain overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        raise explain_hydra_error(exc, overrides) from exc
+    choices = []
+    for override in parsed:
+        if multirun and override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    for combination in itertools.product(*choices):
+        yield list(combination)
+
+
+def explain_hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
+    """One line for what Hydra reports over several."""
+    from hydra.errors import MissingConfigException
+
+    missing = getattr(exc, "missing_cfg_file", None) or ""
+    if isinstance(exc, MissingConfigException) and "/" in missing:
+        group, _, name = missing.partition("/")
+        options = ", ".join(exc.options or [])
+        return ConfigError(f"unknown {group} '{name}'", f"use one of {options}")
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if message.startswith("Could not override '"):
+        key = message.split("'")[1]
+        return ConfigError(f"unknown option {key}", _suggest_key(key))
+    return ConfigError(f"cannot parse overrides {' '.join(overrides)}: {message}",
+                       "write overrides as key=value, e.g. trainer.max_epochs=1")  # fmt: skip
+
+
+def _suggest_key(key: str) -> str:
+    from omegaconf import OmegaConf
+
+    from afmbench.config import load_config
+
+    parent, _, leaf = key.rpartition(".")
+    cfg = load_config()
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
+    if close:
+        return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+    return f"to add a new key use +{key}=..." if not keys else f"valid keys: {', '.join(map(str, keys))}"
+
+
+def route_run_dir(args: list[str], multirun: bool) -> list[str]:
+    """Make Hydra's output folder the run folder the user asked for.
+
+    A single run with ``run_dir=X`` writes Hydra's files into X too; in a sweep, ``run_dir=X``
+    becomes the sweep folder and every job gets its own sub-folder.
+    """
+    given = [a for a in args if a.startswith("run_dir=")]
+    if not given:
+        return args
+    path = given[-1].split("=", 1)[1]
+    if multirun:
+        return [a for a in args if not a.startswith("run_dir=")] + [f"hydra.sweep.dir={path}"]
+    return [*args, f"hydra.run.dir={path}"]
+
+
+def launch_hydra(args: list[str]) -> int:
+    """Run Hydra's main with ``args`` as its command line; non-zero if any job failed."""
+    import hydra
+
+    from afmbench.config import CONFIG_NAME, config_dir
+
+    _failed_jobs.clear()
+    sys.argv = [sys.argv[0], *args]
+    hydra.main(config_path=config_dir(), config_name=CONFIG_NAME, version_base="1.3")(hydra_task)()
+    return 1 if _failed_jobs else 0
+
+
+def hydra_task(cfg) -> None:
+    """One job: run the configuration; report user errors as one line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from afmbench.runner import execute
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
+    try:
+        execute(cfg, run_dir)
+    except AfmbenchError as error:
+        report(error)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(error.exit_code)
+        _failed_jobs.append(str(run_dir))
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Loading and checking configurations.
+
+The YAML files under ``configs/`` hold the CLI's defaults; the Python signatures of the
+builders, plugins and Lightning's ``Trainer`` hold the types. :func:`check_params` checks a
+config node against a signature, so a typo or a wrong type is one clear line before anything
+runs, and no schema is written twice.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import copy
+import difflib
+import hashlib
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from afmbench.errors import ConfigError
+
+CONFIG_NAME = "config"
+
+# Keys that do not change what a run computes; left out of the config hash so that runs
+# differing only in them (and in the seed) are grouped together on the leaderboard.
+NON_IDENTITY_KEYS = (
+    "hydra",
+    "run_dir",
+    "logger",
+    "resume",
+    "seed",
+    "scenario.seed",
+    "checkpoint",
+    "probe",
+    "data.root",
+    "data.cache",
+    "data.eval_batch_size",
+    "trainer.enable_progress_bar",
+    "trainer.accelerator",
+    "trainer.strategy",
+)
+
+
+def config_dir() -> str:
+    """Absolute path of the packaged ``configs/`` folder (Hydra's config search path)."""
+    return str(files("afmbench.configs"))
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the CLI's configuration in Python, exactly as ``afmbench run`` would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """What trains the model within each experience.
+
+    ``reset_between_experiences`` rebuilds the optimizer (dropping momentum / Adam moments)
+    at the start of every experience.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    reset_between_experiences: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"optimizer.lr={self.lr} must be positive", "e.g. optimizer.lr=0.01")
+        require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0", "e.g. 0.9")
+        require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0", "e.g. 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where data comes from and how it is batched."""
+
+    root: str | None = None
+    cache: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "eval_batch_size"):
+            value = getattr(self, key)
+            require(value >= 1, f"data.{key}={value} must be at least 1", f"e.g. data.{key}=64")
+
+
+def require(condition: bool, problem: str, fix: str) -> None:
+    """Raise a :class:`ConfigError` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(problem, fix)
+
+
+def to_plain(node: Any) -> Any:
+    """A resolved OmegaConf node as plain Python containers."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def check_params(
+    node: Mapping[str, Any] | DictConfig,
+    target: Callable[..., Any],
+    where: str,
+    skip: Sequence[str] = ("name",),
+) -> dict[str, Any]:
+    """Check ``node`` against ``target``'s signature; return the keyword arguments to call it with.
+
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, what
+    it expects and an example; the example is the parameter's own default where there is one.
+    """
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: check names only
+        hints = {}
+    if inspect.isclass(target) and not hints:
+        try:
+            hints = typing.get_type_hints(target.__init__)
+        except Exception:
+            hints = {}
+    accepted = [
+        name
+        for name, p in signature.parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in ("self",)
+    ]
+    kwargs: dict[str, Any] = {}
+    for key, value in to_plain(node).items():
+        if key in skip:
+            continue
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {where}.{close[0]}?" if close else f"valid keys: {', '.join(accepted)}"
+            raise ConfigError(f"unknown option {where}.{key}", hint)
+        default = signature.parameters[key].default
+        kwargs[key] = coerce(value, hints.get(key, Any), f"{where}.{key}", default)
+    return kwargs
+
+
+def coerce(value: Any, annotation: Any, key: str, default: Any = inspect.Parameter.empty) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise a one-line :class:`ConfigError`."""
+    try:
+        return _coerce(value, annotation)
+    except (TypeError, ValueError):
+        pass
+    example = "" if default in (inspect.Parameter.empty, None) else f"e.g. {key}={_show(default)}"
+    raise ConfigError(
+        f"{key} must be {describe(annotation)}, got {value!r} ({type(value).__name__})",
+        example or f"pass {describe(annotation)}",
+    )
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    if annotation in (Any, inspect.Parameter.empty):
+        return value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in sorted(args, key=lambda a: a is str):  # try str last: it accepts anything
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if origin is Literal:
+        if value in args and any(type(value) is type(a) for a in args if a == value):
+            return value
+        raise ValueError
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        converted = [_coerce(v, inner) for v in value]
+        return tuple(converted) if origin is tuple else converted
+    if origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError
+    return value  # classes such as a Lightning Strategy object: accept as given
+
+
+def describe(annotation: Any) -> str:
+    """Human wording of a type annotation ("a whole number", "one of 'sgd', 'adam'", ...)."""
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(_show, args))
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe(a) for a in args if a is not type(None)]
+        text = " or ".join(dict.fromkeys(parts))
+        return text + (" or null" if type(None) in args else "")
+    if origin in (list, tuple, collections.abc.Sequence):
+        plural = {int: "whole numbers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(args[0], describe(args[0]))}" if args else "a list"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """Hash of everything that changes what a run computes (not its seed, paths or logging)."""
+    plain = copy.deepcopy(to_plain(cfg))
+    for dotted in NON_IDENTITY_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the fully resolved configuration as YAML."""
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,36 @@
+"""Errors a user can fix, each carrying one line that names the problem and the fix.
+
+The CLI prints ``afmbench: error: <message>`` for these and exits with ``exit_code``; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AfmbenchError(Exception):
+    """A problem with the user's input or environment (not a bug in afmbench)."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem if fix is None else f"{problem}; fix: {fix}")
+
+
+class ConfigError(AfmbenchError):
+    """An unknown name, a wrong type or an out-of-range value in the configuration."""
+
+
+class DataNotFoundError(AfmbenchError):
+    """A data set's files are missing and nothing may be downloaded."""
+
+
+class CheckpointError(AfmbenchError):
+    """A checkpoint cannot be read (truncated, corrupt, or from another run)."""
+
+
+class DivergenceError(AfmbenchError):
+    """The loss became NaN or infinite; the run stops and is recorded as failed."""
+
+    exit_code = 3

@@ -1,0 +1,294 @@
+"""The experience loop: train on each experience in turn, evaluate on every task after each.
+
+:func:`run` is the whole pipeline for Python users; the CLI builds its arguments from a config
+(:mod:`afmbench.runner`). One :class:`ContinualModule` lives through the sequence; every
+experience gets a fresh Lightning ``Trainer`` (so ``max_epochs`` counts per experience) that
+shares the plugins and the logger. After each experience the run folder is brought up to
+date (accuracy matrix so far, metrics, a checkpoint), so an interrupted run loses at most the
+experience in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+
+from afmbench.config import OptimizerConfig
+from afmbench.errors import AfmbenchError
+from afmbench.loader import TensorLoader
+from afmbench.metrics import summarize
+from afmbench.models import ContinualModel
+from afmbench.module import ContinualModule
+from afmbench.plugin import ContinualPlugin
+from afmbench.results import format_report, prepare_run_dir, versions, write_json, write_matrix_csv
+from afmbench.scenarios.base import Scenario
+
+log = logging.getLogger("afmbench")
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``accuracy_matrix`` has one row per trained experience."""
+
+    accuracy_matrix: np.ndarray
+    baseline_accuracy: np.ndarray
+    metrics: dict[str, Any]
+    run_dir: Path | None = None
+    module: ContinualModule | None = field(default=None, repr=False)
+
+    def report(self) -> str:
+        return format_report(self.accuracy_matrix, self.metrics)
+
+
+class ExperienceProgressBar(TQDMProgressBar):
+    """Lightning's training progress bar, labelled with the experience being trained.
+
+    Evaluation after each experience is a few quick passes over the test sets; its per-loader
+    bars would only flicker, so they stay hidden.
+    """
+
+    def __init__(self, n_steps: int) -> None:
+        super().__init__()
+        self.n_steps = n_steps
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.train_progress_bar.set_description(
+            f"experience {pl_module.experience + 1}/{self.n_steps} "
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        )
+
+
+def experience_seed(seed: int, step: int) -> int:
+    """The seed of training step ``step``: each experience's randomness depends only on
+    ``(seed, step)``, so a resumed run continues exactly as an uninterrupted one."""
+    return (seed * 1_000_003 + 7919 * (step + 1)) % (2**31 - 1)
+
+
+def run(
+    scenario: Scenario,
+    model: ContinualModel,
+    plugins: Sequence[ContinualPlugin] = (),
+    *,
+    joint: bool = False,
+    max_epochs: int = 1,
+    batch_size: int = 64,
+    eval_batch_size: int = 1024,
+    optimizer: OptimizerConfig | None = None,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    logger: Logger | None = None,
+    record: dict[str, Any] | None = None,
+    keep_checkpoints: bool = False,
+    verbose: bool = True,
+) -> RunResult:
+    """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
+
+    ``joint=True`` trains once on all experiences' data (the upper bound). ``record`` adds
+    identity fields (strategy name, config, config hash) to ``metrics.json``; the defaults
+    describe a Python-API run. With ``run_dir`` set, the run folder is written as the run goes.
+    """
+    plugins = list(plugins)
+    steps = 1 if joint else scenario.n_experiences
+    module = ContinualModule(model, scenario.n_experiences, steps + 1, optimizer)
+    record = {**default_record(scenario, plugins, joint, seed), **(record or {})}
+    folder = prepare_run_dir(run_dir) if run_dir is not None else None
+    trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
+    tests = [TensorLoader(scenario.test(j), eval_batch_size) for j in range(scenario.n_experiences)]
+    progress = ExperienceProgressBar(steps)
+
+    def make_trainer() -> Trainer:
+        kwargs = {"enable_progress_bar": verbose, "enable_model_summary": False, **trainer_kwargs}
+        bar = [progress] if kwargs["enable_progress_bar"] else []
+        return Trainer(
+            logger=logger if logger is not None else False,
+            callbacks=[*plugins, *bar],
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            default_root_dir=str(folder) if folder else None,
+            **kwargs,
+        )
+
+    state = _RunState(record=record, folder=folder, keep_checkpoints=keep_checkpoints)
+    with _LightningChatter(verbose) as chatter:
+        trainer = make_trainer()
+        chatter.quiet()
+        seed_everything(experience_seed(seed, -1), verbose=False)
+        _evaluate(trainer, module, tests, row=0)
+        state.baseline = module.accuracy.compute()[0].cpu().numpy()
+        for step in range(steps):
+            split = scenario.joint_train() if joint else scenario.train(step)
+            module.experience = step
+            module.task_id = _task_argument(scenario, step, joint)
+            module.train_split = split
+            seed_everything(experience_seed(seed, step), verbose=False)
+            trainer = make_trainer()
+            loader = TensorLoader(split, batch_size, shuffle=True, seed=experience_seed(seed, step))
+            started = time.perf_counter()
+            try:
+                trainer.fit(module, train_dataloaders=loader)
+            except AfmbenchError as error:
+                state.fail(module, error, trainer)
+                raise
+            state.train_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            row = _evaluate(trainer, module, tests, row=step + 1)
+            state.eval_s.append(time.perf_counter() - started)
+            state.save(module, trainer, step)
+            if verbose and trainer.is_global_zero:
+                shown = " ".join(f"{a:.3f}" for a in row)
+                print(f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True)
+        return state.finish(module, trainer, verbose)
+
+
+def default_record(
+    scenario: Scenario, plugins: Sequence[ContinualPlugin], joint: bool, seed: int
+) -> dict[str, Any]:
+    """Identity fields of a run started from Python (the CLI passes its own)."""
+    names = [p.name for p in plugins if not getattr(p, "is_forgetting_layer", False)]
+    strategy = "joint" if joint else "+".join(names) or "naive"
+    ident = {"scenario": scenario.params, "plugins": [repr(p) for p in plugins], "joint": joint}
+    return {
+        "scenario": scenario.name,
+        "protocol": scenario.protocol,
+        "strategy": strategy,
+        "forgetting_layer": any(getattr(p, "is_forgetting_layer", False) for p in plugins),
+        "seed": seed,
+        "config_hash": hashlib.sha256(repr(ident).encode()).hexdigest()[:12],
+    }
+
+
+def _task_argument(scenario: Scenario, step: int, joint: bool) -> int | None:
+    """The head to train: the experience's task label, or None (per sample) for joint task-IL."""
+    if not scenario.multi_head:
+        return 0
+    return None if joint else scenario.task_ids[step]
+
+
+def _evaluate(trainer: Trainer, module: ContinualModule, tests: list[TensorLoader], row: int):
+    module.eval_row = row
+    trainer.validate(module, dataloaders=tests, verbose=False)
+    return module.accuracy.compute()[row].cpu().numpy()
+
+
+@dataclass
+class _RunState:
+    """Bookkeeping of one run and the files it keeps current in the run folder."""
+
+    record: dict[str, Any]
+    folder: Path | None
+    keep_checkpoints: bool
+    baseline: np.ndarray | None = None
+    train_s: list[float] = field(default_factory=list)
+    eval_s: list[float] = field(default_factory=list)
+
+    def metrics(self, module: ContinualModule, status: str, error: str | None = None):
+        done = len(self.train_s)
+        matrix = module.accuracy.compute()[1 : done + 1].cpu().numpy()
+        summary = summarize(matrix, self.baseline) if done else {}
+        metrics = {
+            **self.record,
+            "status": status,
+            "error": error,
+            "experiences_done": done,
+            "accuracy_matrix": matrix,
+            "baseline_accuracy": self.baseline,
+            **summary,
+            "train_time_s": float(sum(self.train_s)),
+            "eval_time_s": float(sum(self.eval_s)),
+            "timings": {"train_s": self.train_s, "eval_s": self.eval_s},
+            "versions": versions(),
+        }
+        return matrix, metrics
+
+    def save(self, module: ContinualModule, trainer: Trainer, step: int) -> None:
+        """After an experience: checkpoint, then the matrix and metrics so far (rank 0 writes)."""
+        matrix, metrics = self.metrics(module, "running")
+        if self.folder is None:
+            return
+        checkpoints = self.folder / "checkpoints"
+        path = checkpoints / f"experience_{step}.ckpt"
+        tmp = checkpoints / f".experience_{step}.ckpt.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            tmp.replace(path)
+            if not self.keep_checkpoints:
+                for old in checkpoints.glob("experience_*.ckpt"):
+                    if old != path:
+                        old.unlink()
+            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix)
+            write_json(self.folder / "metrics.json", metrics)
+        trainer.strategy.barrier()
+
+    def fail(self, module: ContinualModule, error: AfmbenchError, trainer: Trainer) -> None:
+        """Record a failed run without touching what earlier experiences wrote."""
+        if self.folder is not None and trainer.is_global_zero:
+            _, metrics = self.metrics(module, "failed", str(error))
+            write_json(self.folder / "metrics.json", metrics)
+
+    def finish(self, module: ContinualModule, trainer: Trainer, verbose: bool) -> RunResult:
+        matrix, metrics = self.metrics(module, "finished")
+        if self.folder is not None and trainer.is_global_zero:
+            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix)
+            write_json(self.folder / "metrics.json", metrics)
+        result = RunResult(matrix, self.baseline, metrics, self.folder, module)
+        if verbose and trainer.is_global_zero:
+            print(result.report(), flush=True)
+        return result
+
+
+class _LightningChatter:
+    """Lightning announces the accelerator and a product tip for every ``Trainer``; a run makes
+    one per experience. Show the announcement once (when verbose) and never the tip, nor the
+    warnings that do not apply to this loop (evaluation is deliberately not part of ``fit``)."""
+
+    name = "lightning.pytorch.utilities.rank_zero"
+    silenced = (
+        ".*`validation_step` but have no `val_dataloader`.*",
+        ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*does not have many workers.*",
+    )
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.logger = logging.getLogger(self.name)
+
+    def __enter__(self) -> _LightningChatter:
+        self.level = self.logger.level
+        self.logger.addFilter(self._no_tips)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        for pattern in self.silenced:
+            warnings.filterwarnings("ignore", message=pattern)
+        if not self.verbose:
+            self.quiet()
+        return self
+
+    def quiet(self) -> None:
+        self.logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        self.warnings.__exit__(*exc)
+        self.logger.setLevel(self.level)
+        self.logger.removeFilter(self._no_tips)
+
+    @staticmethod
+    def _no_tips(record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)

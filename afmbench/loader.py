@@ -1,0 +1,75 @@
+"""Mini-batches sliced straight from in-memory tensors.
+
+A ``DataLoader`` over a ``TensorDataset`` indexes and collates one sample at a time, which on a
+small model costs as much as the training step. :class:`TensorLoader` gathers a whole batch
+with one index tensor instead. Lightning accepts it like any iterable loader.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TensorLoader:
+    """Batches of ``tensors`` (same first dimension), optionally shuffled per epoch.
+
+    Shuffling uses a generator seeded with ``(seed, epoch)``, so a run is reproducible and the
+    order does not depend on global RNG state. Under DDP every rank takes every
+    ``world_size``-th index of the same order; ``pad`` repeats indices so that all ranks see
+    the same number of batches (needed in training, where steps are collective) and evaluation
+    leaves it off so no sample is counted twice.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        pad: bool | None = None,
+    ) -> None:
+        if len({len(t) for t in tensors}) != 1:
+            raise ValueError("all tensors need the same number of rows")
+        self.tensors = tuple(tensors)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pad = shuffle if pad is None else pad
+        self.epoch = 0
+
+    def _indices(self) -> Tensor:
+        n = len(self.tensors[0])
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        rank, world = _rank_and_world()
+        if world > 1:
+            if self.pad and n % world:
+                order = torch.cat([order, order[: world - n % world]])
+            order = order[rank::world]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self.tensors[0])
+        rank, world = _rank_and_world()
+        local = -(-n // world) if self.pad else len(range(rank, n, world))
+        return -(-local // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        order = self._indices()
+        self.epoch += 1
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield tuple(t[index] for t in self.tensors)

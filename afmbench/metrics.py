@@ -1,0 +1,73 @@
+"""The accuracy matrix and the continual-learning metrics derived from it.
+
+``R[i, j]`` is the test accuracy on task ``j`` after training experience ``i``. The counts
+behind it live in a torchmetrics :class:`AccuracyMatrix`, so they are summed across DDP
+processes before any ratio is taken and are saved in checkpoints with the module.
+Definitions (T tasks, ``b_j`` the accuracy of the untrained model on task ``j``):
+
+- ACC = mean_j R[T-1, j]; average accuracy after task i = mean_{j<=i} R[i, j]
+- BWT = mean_{j<T-1} (R[T-1, j] - R[j, j])
+- forgetting f_j = max_{l<T-1} R[l, j] - R[T-1, j], for j < T-1
+- FWT = mean_{j>0} (R[j-1, j] - b_j)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class AccuracyMatrix(Metric):
+    """Correct and total counts per (row, test task); row 0 is the untrained model.
+
+    ``update(preds, target, row, task)`` adds one batch; ``compute()`` returns the accuracy
+    matrix with rows ``0..n_rows-1`` (NaN where nothing was evaluated). It is a record of the
+    whole run, so nothing resets it between evaluations.
+    """
+
+    full_state_update = False
+
+    def __init__(self, n_rows: int, n_tasks: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True)
+        self.add_state("total", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True)
+
+    def update(self, preds: Tensor, target: Tensor, row: int, task: int) -> None:  # type: ignore[override]
+        self.correct[row, task] += (preds == target).sum()
+        self.total[row, task] += target.numel()
+
+    def compute(self) -> Tensor:
+        total = self.total.to(torch.float64)
+        return torch.where(total > 0, self.correct / total.clamp(min=1), torch.nan)
+
+
+def summarize(matrix: np.ndarray, baseline: np.ndarray | None = None) -> dict[str, Any]:
+    """ACC, BWT, FWT, forgetting and average accuracy per task count from an accuracy matrix.
+
+    ``matrix`` has one row per trained experience (T x T for a sequence; 1 x T for ``joint``,
+    whose BWT, FWT and forgetting are undefined and reported as ``None``).
+    """
+    R = np.asarray(matrix, dtype=float)
+    n_rows, n_tasks = R.shape
+    result: dict[str, Any] = {
+        "acc": float(np.mean(R[-1])),
+        "avg_acc_per_task": [float(np.mean(R[min(i, n_rows - 1), : i + 1])) for i in range(n_tasks)],
+        "bwt": None,
+        "fwt": None,
+        "forgetting": None,
+        "forgetting_per_task": None,
+    }
+    if n_rows == n_tasks and n_tasks > 1:
+        last = R[-1]
+        result["bwt"] = float(np.mean([last[j] - R[j, j] for j in range(n_tasks - 1)]))
+        per_task = [float(np.max(R[: n_tasks - 1, j]) - last[j]) for j in range(n_tasks - 1)]
+        result["forgetting_per_task"] = per_task
+        result["forgetting"] = float(np.mean(per_task))
+        if baseline is not None:
+            b = np.asarray(baseline, dtype=float)
+            result["fwt"] = float(np.mean([R[j - 1, j] - b[j] for j in range(1, n_tasks)]))
+    return result

@@ -1,0 +1,224 @@
+"""Models: a body of hidden layers and an output head (one head per task when task-incremental).
+
+Every model is ``ContinualModel(body, head)``. The body is an ``nn.Sequential`` whose hidden
+layers each end in an activation module; that is where the forgetting layer is inserted, and
+where per-layer statistics (sparsity, neuron importance) are read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+from afmbench.errors import ConfigError
+
+
+class MultiHead(nn.Module):
+    """One linear output head per task label; a batch may mix tasks.
+
+    Heads can differ in size; logits are padded with ``-inf`` to the largest head so a mixed
+    batch still forms one tensor and padded classes are never predicted.
+    """
+
+    def __init__(self, in_features: int, head_sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(in_features, k) for k in head_sizes)
+        self.width = max(head_sizes)
+
+    def forward(self, h: Tensor, task: Tensor | int) -> Tensor:
+        if isinstance(task, int):
+            return self._pad(self.heads[task](h))
+        if len(self.heads) == 1:
+            return self._pad(self.heads[0](h))
+        out = h.new_full((h.shape[0], self.width), float("-inf"))
+        for t in task.unique().tolist():
+            rows = task == t
+            logits = self.heads[t](h[rows])
+            out[rows, : logits.shape[1]] = logits
+        return out
+
+    def _pad(self, logits: Tensor) -> Tensor:
+        missing = self.width - logits.shape[1]
+        return logits if missing == 0 else nn.functional.pad(logits, (0, missing), value=-math.inf)
+
+
+class ContinualModel(nn.Module):
+    """``head(body(x), task)``: the interface every strategy and the forgetting layer rely on."""
+
+    def __init__(self, body: nn.Sequential, head: MultiHead) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: Tensor, task: Tensor | int = 0) -> Tensor:
+        return self.head(self.body(x), task)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation '{name}'", f"set model.activation to one of {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]()
+
+
+def mlp(
+    input_shape: Sequence[int],
+    head_sizes: Sequence[int],
+    hidden: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> ContinualModel:
+    """Fully connected network: flatten, then ``Linear -> activation [-> dropout]`` per width.
+
+    ``hidden=(512, 256)`` on MNIST is the AFM paper's 784-512-256-10 network.
+    """
+    if not hidden or any(int(w) < 1 for w in hidden):
+        raise ConfigError(
+            f"model.hidden={list(hidden)} needs positive widths", "e.g. model.hidden=[256,256]"
+        )
+    _check_dropout(dropout)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for w in hidden:
+        layers += [nn.Linear(width, int(w)), _activation(activation)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(w)
+    return ContinualModel(nn.Sequential(*layers), MultiHead(width, head_sizes))
+
+
+def lenet(
+    input_shape: Sequence[int],
+    head_sizes: Sequence[int],
+    channels: Sequence[int] = (6, 16),
+    hidden: Sequence[int] = (120, 84),
+    activation: str = "relu",
+) -> ContinualModel:
+    """LeNet-5 style: two 5x5 conv + 2x2 max-pool stages, then two dense layers."""
+    layers: list[nn.Module] = []
+    c_in, size = input_shape[0], list(input_shape[1:])
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 5, padding=2), _activation(activation), nn.MaxPool2d(2)]
+        c_in, size = c, [s // 2 for s in size]
+    return _dense_top(layers, c_in * math.prod(size), hidden, activation, 0.0, head_sizes)
+
+
+def si_cnn(
+    input_shape: Sequence[int],
+    head_sizes: Sequence[int],
+    activation: str = "relu",
+    dropout: float = 0.5,
+    conv_dropout: float = 0.25,
+) -> ContinualModel:
+    """The SI paper's CIFAR network: 4 conv (32, 32, 64, 64; 3x3) in two pooled stages with
+    dropout, then a 512-unit dense layer with dropout."""
+    _check_dropout(dropout)
+    _check_dropout(conv_dropout)
+    layers: list[nn.Module] = []
+    c_in, size = input_shape[0], list(input_shape[1:])
+    for c in (32, 64):
+        layers += [
+            nn.Conv2d(c_in, c, 3, padding=1),
+            _activation(activation),
+            nn.Conv2d(c, c, 3, padding=1),
+            _activation(activation),
+            nn.MaxPool2d(2),
+            nn.Dropout(conv_dropout),
+        ]
+        c_in, size = c, [s // 2 for s in size]
+    return _dense_top(layers, c_in * math.prod(size), (512,), activation, dropout, head_sizes)
+
+
+def vgg_small(
+    input_shape: Sequence[int],
+    head_sizes: Sequence[int],
+    channels: Sequence[int] = (64, 128, 256),
+    convs_per_stage: int = 2,
+    hidden: Sequence[int] = (512,),
+    activation: str = "relu",
+    dropout: float = 0.5,
+    batch_norm: bool = False,
+) -> ContinualModel:
+    """A small VGG: stages of ``convs_per_stage`` 3x3 convs and a 2x2 max-pool, then dense layers.
+
+    The defaults give 6 conv + 2 dense + the head, close to the AFM paper's 9-layer VGG.
+    Batch norm is off by default: its running statistics drift between tasks.
+    """
+    _check_dropout(dropout)
+    layers: list[nn.Module] = []
+    c_in, size = input_shape[0], list(input_shape[1:])
+    for c in channels:
+        for _ in range(convs_per_stage):
+            layers.append(nn.Conv2d(c_in, c, 3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(_activation(activation))
+            c_in = c
+        layers.append(nn.MaxPool2d(2))
+        size = [s // 2 for s in size]
+    return _dense_top(layers, c_in * math.prod(size), hidden, activation, dropout, head_sizes)
+
+
+def _dense_top(layers, width, hidden, activation, dropout, head_sizes) -> ContinualModel:
+    if width < 1:
+        raise ConfigError(
+            "the input is too small for this network's pooling stages", "use model=mlp or model=lenet"
+        )
+    layers = [*layers, nn.Flatten()]
+    for w in hidden:
+        layers += [nn.Linear(width, int(w)), _activation(activation)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(w)
+    return ContinualModel(nn.Sequential(*layers), MultiHead(width, head_sizes))
+
+
+def _check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"dropout {p} is outside [0, 1)", "e.g. model.dropout=0.5")
+
+
+MODELS: dict[str, Callable[..., ContinualModel]] = {
+    "mlp": mlp,
+    "lenet": lenet,
+    "si_cnn": si_cnn,
+    "vgg_small": vgg_small,
+}
+
+
+def build_model(
+    name: str, input_shape: Sequence[int], head_sizes: Sequence[int], **params
+) -> ContinualModel:
+    """Build model ``name`` for a scenario's input shape and output heads."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model '{name}'", f"use one of {', '.join(MODELS)}")
+    return MODELS[name](tuple(input_shape), tuple(head_sizes), **params)
+
+
+def hidden_activations(model: ContinualModel) -> list[tuple[str, int]]:
+    """``(name, units)`` of every activation module in the body, in order.
+
+    ``units`` is the width of the layer the activation follows (features of a Linear, channels
+    of a Conv2d). Used to place forgetting layers and to read per-layer statistics.
+    """
+    sites, units = [], 0
+    for name, module in model.body.named_children():
+        if isinstance(module, nn.Linear):
+            units = module.out_features
+        elif isinstance(module, nn.Conv2d):
+            units = module.out_channels
+        elif isinstance(module, tuple(ACTIVATIONS.values())):
+            sites.append((name, units))
+    return sites
+

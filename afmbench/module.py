@@ -1,0 +1,127 @@
+"""The one LightningModule that lives through a whole sequence of experiences."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from afmbench.config import OptimizerConfig
+from afmbench.errors import DivergenceError
+from afmbench.loader import TensorLoader
+from afmbench.metrics import AccuracyMatrix
+from afmbench.models import ContinualModel
+from afmbench.plugin import ContinualPlugin
+from afmbench.scenarios.base import Split
+
+
+class ContinualModule(LightningModule):
+    """Trains ``model`` on one experience per ``Trainer.fit`` and records the accuracy matrix.
+
+    The loss is the task's cross-entropy plus the penalty of every :class:`ContinualPlugin`
+    among the trainer's callbacks. The experience loop sets :attr:`experience`,
+    :attr:`task_id` and :attr:`train_split` before each fit and :attr:`eval_row` before each
+    evaluation; plugins read them (and :meth:`batches`) in their hooks.
+    """
+
+    def __init__(
+        self,
+        model: ContinualModel,
+        n_tasks: int,
+        n_rows: int,
+        optimizer: OptimizerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.accuracy = AccuracyMatrix(n_rows, n_tasks)
+        self.experience = -1
+        self.task_id: int | None = 0
+        self.train_split: Split | None = None
+        self.eval_row = 0
+        self.penalty_grads: dict[str, Tensor] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # -- what plugins use --------------------------------------------------------------
+    def plugins(self) -> list[ContinualPlugin]:
+        """The plugins attached to the current trainer, in callback order."""
+        if self._trainer is None:
+            return []
+        return [c for c in self.trainer.callbacks if isinstance(c, ContinualPlugin)]
+
+    def batches(
+        self, max_samples: int | None = None, batch_size: int = 256
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """This rank's share of the current experience's training data, on the module's device.
+
+        ``max_samples`` takes a fixed random subset (the same on every rank), as importance
+        estimates often do. Sums over these batches must go through :meth:`all_reduce_sum`.
+        """
+        if self.train_split is None:
+            raise RuntimeError("no experience is being trained")
+        split = self.train_split
+        if max_samples is not None and max_samples < len(split[0]):
+            generator = torch.Generator().manual_seed(1_000_003 * (self.experience + 1))
+            keep = torch.randperm(len(split[0]), generator=generator)[:max_samples]
+            split = tuple(t[keep] for t in split)
+        for batch in TensorLoader(split, batch_size, shuffle=False, pad=False):
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over all processes (identity in a single process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def forward(self, x: Tensor, task: Tensor | int = 0) -> Tensor:
+        return self.model(x, task)
+
+    # -- Lightning hooks ---------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, t = batch
+        task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
+        terms = {}
+        for plugin in self.plugins():
+            term = plugin.penalty(self)
+            if term is not None:
+                terms[plugin.name] = term
+        loss = task_loss + sum(terms.values()) if terms else task_loss
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"loss became {loss.item()} in experience {self.experience} "
+                f"(epoch {self.current_epoch}, step {batch_idx})",
+                "lower optimizer.lr or the strategy's strength; results so far are kept",
+            )
+        if terms and any(p.needs_penalty_grads for p in self.plugins()):
+            self._store_penalty_grads(sum(terms.values()))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/task_loss", task_loss)
+        for name, term in terms.items():
+            self.log(f"train/penalty/{name}", term)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y, t = batch
+        preds = self.model(x, t).argmax(dim=1)
+        self.accuracy.update(preds, y, self.eval_row, dataloader_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self._optimizer is None or self.optimizer_config.reset_between_experiences:
+            self._optimizer = make_optimizer(self.optimizer_config, self.parameters())
+        return self._optimizer
+
+    def _store_penalty_grads(self, penalty: Tensor) -> None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(penalty, [p for _, p in named], retain_graph=True, allow_unused=True)
+        self.penalty_grads = {n: g for (n, _), g in zip(named, grads) if g is not None}
+
+
+def make_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params``."""
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    kind = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
+    return kind(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)

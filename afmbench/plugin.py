@@ -1,0 +1,55 @@
+"""The plugin protocol: a Lightning ``Callback`` that may add a term to the training loss.
+
+A Lightning callback cannot change the loss, so :class:`ContinualModule` asks every plugin
+among the trainer's callbacks for :meth:`ContinualPlugin.penalty` in ``training_step`` and adds
+them up. Everything else a strategy does happens in ordinary Lightning hooks, each called once
+per experience because every experience is one ``Trainer.fit``:
+
+- ``setup``: change the model before the optimizer exists (the forgetting layer does this);
+- ``on_train_start``: the experience begins (e.g. remember the starting parameters);
+- ``on_before_optimizer_step`` / ``on_train_batch_end``: per-step bookkeeping (SI's path
+  integral);
+- ``on_train_end``: the experience is learned; estimate importance and set anchors. This runs
+  on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree;
+- ``state_dict`` / ``load_state_dict``: everything needed to continue, saved in checkpoints.
+
+:meth:`importance` exposes the current per-parameter importance (for histograms).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Callback
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from afmbench.module import ContinualModule
+
+
+class ContinualPlugin(Callback):
+    """Base class of strategy plugins and the forgetting-layer callback."""
+
+    #: Short name used in logs (``train/penalty/<name>``), checkpoints and results.
+    name: str = "plugin"
+    #: Set by plugins that need the gradient of the task loss alone (SI); the module then
+    #: stores the gradient of the summed penalties in ``module.penalty_grads`` every step.
+    needs_penalty_grads: bool = False
+
+    def penalty(self, module: ContinualModule) -> Tensor | None:
+        """The term this plugin adds to the loss for the current batch (None: nothing)."""
+        return None
+
+    def importance(self) -> dict[str, Tensor]:
+        """Current importance per parameter name (empty if the plugin keeps none)."""
+        return {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None

@@ -1,0 +1,116 @@
+"""The scenario every strategy trains on: a fixed sequence of experiences held as tensors.
+
+A :class:`Scenario` knows its protocol (task-, domain- or class-incremental), the output heads
+a model needs, and where each experience's ``(x, y, t)`` tensors come from. Tensors are loaded
+on demand from a :class:`TensorStore` so that only the experience being trained and the test
+sets sit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from afmbench.errors import ConfigError
+
+PROTOCOLS = ("task", "domain", "class")
+
+Split = tuple[Tensor, Tensor, Tensor]
+"""Inputs ``x``, targets ``y`` (indices into the head's outputs) and task labels ``t``."""
+
+
+class TensorStore(Protocol):
+    """Where a scenario's tensors live (memory or the on-disk cache)."""
+
+    def load(self, split: str, index: int) -> Split: ...
+
+
+@dataclass
+class MemoryStore:
+    """Tensors kept in memory, keyed by ``(split, experience)``; for scenarios built in Python."""
+
+    tensors: dict[tuple[str, int], Split] = field(default_factory=dict)
+
+    def load(self, split: str, index: int) -> Split:
+        return self.tensors[(split, index)]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A sequence of experiences and the protocol they are learned under.
+
+    ``head_sizes`` has one entry per task label when the protocol is task-incremental (one
+    output head per task) and a single entry otherwise. ``classes`` lists the original class
+    ids of each experience and ``task_ids`` the task label a model is given for it (always 0
+    unless task-incremental).
+    """
+
+    name: str
+    protocol: str
+    input_shape: tuple[int, ...]
+    head_sizes: tuple[int, ...]
+    classes: tuple[tuple[int, ...], ...]
+    task_ids: tuple[int, ...]
+    store: TensorStore = field(repr=False, compare=False)
+    params: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"unknown protocol '{self.protocol}'", f"use one of {', '.join(PROTOCOLS)}"
+            )
+        if len(self.classes) != len(self.task_ids):
+            raise ValueError("classes and task_ids must have one entry per experience")
+
+    @property
+    def n_experiences(self) -> int:
+        return len(self.classes)
+
+    @property
+    def multi_head(self) -> bool:
+        return self.protocol == "task"
+
+    def train(self, index: int) -> Split:
+        """Training tensors of experience ``index``."""
+        return self.store.load("train", index)
+
+    def test(self, index: int) -> Split:
+        """Test tensors of experience ``index``."""
+        return self.store.load("test", index)
+
+    def joint_train(self) -> Split:
+        """Every experience's training data in one split (the ``joint`` upper bound)."""
+        parts = [self.train(e) for e in range(self.n_experiences)]
+        x, y, t = (torch.cat(column) for column in zip(*parts))
+        return x, y, t
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        protocol: str,
+        train: list[Split],
+        test: list[Split],
+        head_sizes: tuple[int, ...],
+        classes: tuple[tuple[int, ...], ...] | None = None,
+    ) -> Scenario:
+        """Build a scenario from in-memory tensors (the Python API's way to bring your own data)."""
+        if len(train) != len(test):
+            raise ValueError("train and test need one split per experience")
+        tensors = {("train", e): s for e, s in enumerate(train)}
+        tensors.update({("test", e): s for e, s in enumerate(test)})
+        task_ids = tuple(int(s[2][0]) for s in train)
+        if classes is None:
+            classes = tuple(tuple(sorted(set(s[1].tolist()))) for s in train)
+        return cls(
+            name=name,
+            protocol=protocol,
+            input_shape=tuple(train[0][0].shape[1:]),
+            head_sizes=tuple(head_sizes),
+            classes=tuple(tuple(c) for c in classes),
+            task_ids=task_ids,
+            store=MemoryStore(tensors),
+        )

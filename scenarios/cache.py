@@ -1,0 +1,162 @@
+"""Materialize an Avalanche benchmark once into tensors on disk, then serve it from there.
+
+Avalanche yields one sample at a time through its transform pipeline, which is slower than
+training a small model. Each experience is therefore iterated once, stored losslessly (pixel
+values become small integer codes into a table of the distinct floats), and later runs load
+the tensors without importing Avalanche at all. The cache folder name is a hash of the
+scenario's name, its parameters, the cache format and the Avalanche version.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from afmbench.errors import DataNotFoundError
+from afmbench.scenarios.base import Scenario, Split
+
+CACHE_FORMAT = 1
+
+
+def encode(x: Tensor) -> dict[str, Tensor]:
+    """Store ``x`` as integer codes into its sorted distinct values when that is smaller."""
+    values, codes = torch.unique(x, return_inverse=True)
+    if len(values) <= 256:
+        return {"values": values, "codes": codes.to(torch.uint8)}
+    if len(values) <= 32768:
+        return {"values": values, "codes": codes.to(torch.int16)}
+    return {"raw": x}
+
+
+def decode(packed: dict[str, Tensor]) -> Tensor:
+    """Invert :func:`encode` exactly."""
+    if "raw" in packed:
+        return packed["raw"]
+    return packed["values"][packed["codes"].long()]
+
+
+@dataclass
+class DiskStore:
+    """Experiences saved by :func:`materialize` in ``path`` (``train_<e>.pt``, ``test_<e>.pt``)."""
+
+    path: Path
+
+    def load(self, split: str, index: int) -> Split:
+        blob = torch.load(self.path / f"{split}_{index}.pt", weights_only=True)
+        return decode(blob["x"]), blob["y"], blob["t"]
+
+
+def cache_key(name: str, params: dict[str, Any]) -> str:
+    """A short hash naming the cache folder of one scenario configuration."""
+    ident = {
+        "name": name,
+        "params": params,
+        "format": CACHE_FORMAT,
+        "avalanche": version("avalanche-lib"),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_scenario(
+    name: str,
+    protocol: str,
+    params: dict[str, Any],
+    build_benchmark: Callable[[], Any],
+    cache: Path,
+) -> Scenario:
+    """Return the scenario from the cache, materializing ``build_benchmark()`` first if needed.
+
+    Concurrent processes (DDP ranks, sweep jobs) wait on a file lock so one of them writes.
+    """
+    folder = cache / "scenarios" / f"{name}-{cache_key(name, params)}"
+    if not (folder / "meta.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder.with_suffix(".lock")):
+            if not (folder / "meta.json").is_file():
+                materialize(build_benchmark(), folder, name)
+    meta = json.loads((folder / "meta.json").read_text())
+    return scenario_from_meta(name, protocol, params, meta, DiskStore(folder))
+
+
+def scenario_from_meta(
+    name: str, protocol: str, params: dict[str, Any], meta: dict[str, Any], store: Any
+) -> Scenario:
+    """Assemble a :class:`Scenario` from the per-experience classes and task labels."""
+    classes = tuple(tuple(c) for c in meta["classes"])
+    sizes = [len(c) for c in classes]
+    if protocol == "task":
+        size_of_task = dict(zip(meta["task_ids"], sizes))
+        head_sizes = tuple(size_of_task[t] for t in range(max(size_of_task) + 1))
+    elif protocol == "domain":
+        head_sizes = (max(sizes),)
+    else:
+        head_sizes = (len({c for cs in classes for c in cs}),)
+    return Scenario(
+        name=name,
+        protocol=protocol,
+        input_shape=tuple(meta["input_shape"]),
+        head_sizes=head_sizes,
+        classes=classes,
+        task_ids=tuple(meta["task_ids"]),
+        store=store,
+        params=params,
+    )
+
+
+def materialize(benchmark: Any, folder: Path, name: str) -> None:
+    """Iterate every experience of an Avalanche benchmark once and save its tensors."""
+    from tqdm.auto import tqdm
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    streams = {"train": benchmark.train_stream, "test": benchmark.test_stream}
+    n = len(benchmark.train_stream)
+    meta: dict[str, Any] = {"classes": [], "task_ids": []}
+    with tqdm(total=2 * n, desc=f"materializing {name} (once)", unit="split", leave=False) as bar:
+        for split, stream in streams.items():
+            for e, experience in enumerate(stream):
+                x, y, t = collect(experience.dataset)
+                torch.save({"x": encode(x), "y": y, "t": t}, tmp / f"{split}_{e}.pt")
+                if split == "train":
+                    meta["classes"].append(sorted(benchmark.original_classes_in_exp[e]))
+                    meta["task_ids"].append(int(experience.task_label))
+                    meta["input_shape"] = list(x.shape[1:])
+                bar.update()
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def collect(dataset: Any, batch_size: int = 2048) -> Split:
+    """Stack every ``(x, y, t)`` an Avalanche dataset yields, in its own order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    xs, ys, ts = [], [], []
+    for x, y, t in loader:
+        xs.append(x)
+        ys.append(torch.as_tensor(y, dtype=torch.long))
+        ts.append(torch.as_tensor(t, dtype=torch.long))
+    if not xs:
+        raise DataNotFoundError("an experience of the scenario is empty", "check the data files")
+    return torch.cat(xs), torch.cat(ys), torch.cat(ts)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

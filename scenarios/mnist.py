@@ -1,0 +1,108 @@
+"""Permuted MNIST, Split MNIST and Split Fashion-MNIST, from Avalanche's classic benchmarks."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from afmbench.scenarios.base import Scenario
+from afmbench.scenarios.cache import cached_scenario
+from afmbench.scenarios.common import (
+    ClassOrder,
+    check_divides,
+    check_positive_experiences,
+    check_protocol,
+    fixed_order,
+    scenario_params,
+    split_flags,
+)
+from afmbench.scenarios.sources import cache_root, data_root, prepare_mnist_like
+
+
+def permuted_mnist(
+    n_experiences: int = 10,
+    protocol: str = "domain",
+    seed: int = 0,
+    root: str | None = None,
+    cache: str | None = None,
+) -> Scenario:
+    """MNIST under a different fixed pixel permutation per experience (10 classes each).
+
+    ``domain``: one shared 10-way head, no task label (the usual setting);
+    ``task``: one head per permutation, task label given (the AFM paper's setting).
+    """
+    check_protocol(protocol, ("domain", "task"), "permuted_mnist")
+    check_positive_experiences(n_experiences)
+    params = scenario_params(n_experiences=n_experiences, protocol=protocol, seed=seed)
+    return cached_scenario(
+        "permuted_mnist",
+        protocol,
+        params,
+        partial(_permuted, n_experiences, protocol, seed, data_root(root), cache_root(cache)),
+        cache_root(cache),
+    )
+
+
+def split_mnist(
+    n_experiences: int = 5,
+    protocol: str = "task",
+    seed: int = 0,
+    class_order: ClassOrder = "natural",
+    root: str | None = None,
+    cache: str | None = None,
+) -> Scenario:
+    """MNIST's ten digits in ``n_experiences`` groups of consecutive classes (0/1, 2/3, ...)."""
+    return _split("MNIST", "split_mnist", n_experiences, protocol, seed, class_order, root, cache)
+
+
+def split_fashion_mnist(
+    n_experiences: int = 5,
+    protocol: str = "task",
+    seed: int = 0,
+    class_order: ClassOrder = "natural",
+    root: str | None = None,
+    cache: str | None = None,
+) -> Scenario:
+    """Fashion-MNIST's ten classes in ``n_experiences`` groups."""
+    return _split(
+        "FashionMNIST", "split_fashion_mnist", n_experiences, protocol, seed, class_order, root, cache
+    )
+
+
+def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cache) -> Scenario:
+    check_protocol(protocol, ("task", "domain", "class"), name)
+    check_divides(n_experiences, 10, dataset)
+    order = fixed_order(class_order, 10)
+    params = scenario_params(
+        n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
+    )
+    build = partial(
+        _split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root), cache_root(cache)
+    )
+    return cached_scenario(name, protocol, params, build, cache_root(cache))
+
+
+def _permuted(n_experiences, protocol, seed, root, cache):
+    from avalanche.benchmarks.classic import PermutedMNIST
+
+    return PermutedMNIST(
+        n_experiences,
+        return_task_id=protocol == "task",
+        seed=seed,
+        dataset_root=prepare_mnist_like("MNIST", root, cache),
+    )
+
+
+def _split_benchmark(dataset, n_experiences, protocol, seed, order, root, cache):
+    from avalanche.benchmarks.classic import SplitFMNIST, SplitMNIST
+
+    make = SplitMNIST if dataset == "MNIST" else SplitFMNIST
+    flags = split_flags(protocol)
+    return make(
+        n_experiences,
+        return_task_id=flags["task_labels"],
+        seed=seed,
+        fixed_class_order=order,
+        class_ids_from_zero_in_each_exp=flags["class_ids_from_zero_in_each_exp"],
+        class_ids_from_zero_from_first_exp=flags["class_ids_from_zero_from_first_exp"],
+        dataset_root=prepare_mnist_like(dataset, root, cache),
+    )

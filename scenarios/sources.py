@@ -1,0 +1,150 @@
+"""Where raw data sets come from: the data root, the writable cache, and the original archives.
+
+The data root may be read-only and hold only the original archives in torchvision's layout
+(``MNIST/raw/*.gz``, ``FashionMNIST/raw/*.gz``, ``cifar-10-python.tar.gz``,
+``cifar-100-python.tar.gz``). Anything that must be extracted goes to the cache. Nothing is
+ever downloaded: a missing file is a :class:`DataNotFoundError` naming what to put where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from afmbench.errors import DataNotFoundError
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR_ARCHIVES = {
+    "CIFAR10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "CIFAR100": ("cifar-100-python.tar.gz", "cifar-100-python"),
+}
+
+ImageSplit = tuple[Tensor, Tensor]
+"""uint8 images (N, H, W) or (N, H, W, C) and int64 labels (N,)."""
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding original archives: ``root``, else ``$AFMBENCH_DATA_DIR``, else ``./data``."""
+    return Path(root or os.environ.get("AFMBENCH_DATA_DIR") or "data").expanduser()
+
+
+def cache_root(cache: str | os.PathLike | None = None) -> Path:
+    """The writable cache: ``cache``, else ``$AFMBENCH_CACHE_DIR``, else ``~/.cache/afmbench``."""
+    default = Path("~/.cache/afmbench")
+    return Path(cache or os.environ.get("AFMBENCH_CACHE_DIR") or default).expanduser()
+
+
+def prepare_mnist_like(name: str, root: Path, cache: Path) -> Path:
+    """Make ``<cache>/datasets/<name>/raw`` hold the four decompressed idx files; return ``<cache>/datasets``.
+
+    torchvision's MNIST-style datasets read the decompressed files; the data root may only
+    have the ``.gz`` archives and may be read-only, so decompression happens in the cache.
+    """
+    source = root / name / "raw"
+    target_root = cache / "datasets"
+    target = target_root / name / "raw"
+    missing = [
+        f for f in MNIST_FILES if not (source / f).is_file() and not (source / f"{f}.gz").is_file()
+    ]
+    if missing and not all((target / f).is_file() for f in MNIST_FILES):
+        raise DataNotFoundError(
+            f"{name} data not found: expected {', '.join(f + '.gz' for f in missing)} in {source}",
+            f"copy the original {name} archives (torchvision layout) there, "
+            "or point data.root / AFMBENCH_DATA_DIR at the folder holding "
+            f"{name}/raw/ (nothing is downloaded)",
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    for f in MNIST_FILES:
+        if (target / f).is_file():
+            continue
+        tmp = target / f"{f}.tmp{os.getpid()}"
+        if (source / f).is_file():
+            shutil.copyfile(source / f, tmp)
+        else:
+            with gzip.open(source / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(tmp, target / f)
+    return target_root
+
+
+def load_cifar(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
+    """Read CIFAR-10 or CIFAR-100 straight from the original python-format archive.
+
+    Accepts either the ``.tar.gz`` or its extracted folder in ``root``. Returns uint8 images
+    (N, 32, 32, 3) and labels (fine labels for CIFAR-100) for the train and test splits.
+    """
+    archive, folder = CIFAR_ARCHIVES[name]
+    if (root / folder).is_dir():
+        read = lambda member: (root / folder / member).read_bytes()  # noqa: E731
+        return _parse_cifar(name, read)
+    if not (root / archive).is_file():
+        raise DataNotFoundError(
+            f"{name} data not found: expected {archive} (or the extracted {folder}/) in {root}",
+            f"copy the original {archive} there, or point data.root / AFMBENCH_DATA_DIR at "
+            "the folder holding it (nothing is downloaded)",
+        )
+    try:
+        with tarfile.open(root / archive, "r:gz") as tar:
+
+            def read(member: str) -> bytes:
+                handle = tar.extractfile(f"{folder}/{member}")
+                if handle is None:
+                    raise KeyError(member)
+                return handle.read()
+
+            return _parse_cifar(name, read)
+    except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise DataNotFoundError(
+            f"{name} archive {root / archive} is unreadable or incomplete ({exc})",
+            f"replace it with the original {archive}",
+        ) from exc
+
+
+def _parse_cifar(name: str, read) -> tuple[ImageSplit, ImageSplit]:
+    if name == "CIFAR10":
+        train_members = [f"data_batch_{i}" for i in range(1, 6)]
+        test_members, label_key = ["test_batch"], b"labels"
+    else:
+        train_members, test_members, label_key = ["train"], ["test"], b"fine_labels"
+
+    def split(members: list[str]) -> ImageSplit:
+        images, labels = [], []
+        for member in members:
+            batch = pickle.loads(read(member), encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        x = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.concatenate(labels))
+
+    return split(train_members), split(test_members)
+
+
+def load_digits_split(test_fraction: float = 0.3) -> tuple[ImageSplit, ImageSplit]:
+    """scikit-learn's bundled 8x8 digits (1797 images, values 0..16), split once, stratified.
+
+    The split is fixed (``random_state=0``) so every seed is scored on the same test set.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.uint8)
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=0, stratify=y
+    )
+    as_t = torch.from_numpy
+    return (as_t(x_tr), as_t(y_tr)), (as_t(x_te), as_t(y_te))
