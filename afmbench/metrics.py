@@ -40,6 +40,11 @@ class AccuracyMatrix(Metric):
         self.correct[row, task] += (preds == target).sum()
         self.total[row, task] += target.numel()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Restored counts are real updates: computing from them is expected, not an error.
+        self._update_count = int(self.total.sum() > 0)
+
     def compute(self) -> Tensor:
         total = self.total.to(torch.float64)
         return torch.where(total > 0, self.correct / total.clamp(min=1), torch.nan)

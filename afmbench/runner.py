@@ -31,6 +31,7 @@ from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
 from afmbench.results import prepare_run_dir
 from afmbench.scenarios import build_scenario, scenario_builder
+from afmbench.scenarios.cache import check_only
 from afmbench.strategies import strategy_class
 
 TOP_LEVEL_KEYS = {
@@ -67,6 +68,8 @@ def plan(cfg: DictConfig) -> Plan:
 
     scenario_name = str(cfg.scenario.name)
     scenario = check_params(cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name",))
+    with check_only():
+        scenario_builder(scenario_name)(**scenario)
     model_name = str(cfg.model.name)
     if model_name not in MODELS:
         raise ConfigError(f"unknown model '{model_name}'", f"use one of {', '.join(MODELS)}")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -27,6 +28,27 @@ from afmbench.errors import DataNotFoundError
 from afmbench.scenarios.base import Scenario, Split
 
 CACHE_FORMAT = 1
+
+_checking_only: ContextVar[bool] = ContextVar("afmbench_scenario_check_only", default=False)
+
+
+class _Checked(Exception):
+    """Raised instead of building once a builder's parameter checks have passed."""
+
+
+@contextmanager
+def check_only() -> Iterator[None]:
+    """Run scenario builders up to their parameter checks only: nothing is read or built.
+
+    Lets the CLI reject e.g. ``n_experiences=3`` for a ten-class scenario before a run starts.
+    """
+    token = _checking_only.set(True)
+    try:
+        yield
+    except _Checked:
+        pass
+    finally:
+        _checking_only.reset(token)
 
 
 def encode(x: Tensor) -> dict[str, Tensor]:
@@ -57,11 +79,12 @@ class DiskStore:
         return decode(blob["x"]), blob["y"], blob["t"]
 
 
-def cache_key(name: str, params: dict[str, Any]) -> str:
-    """A short hash naming the cache folder of one scenario configuration."""
+def cache_key(name: str, params: dict[str, Any], source: Path | None = None) -> str:
+    """A short hash naming the cache folder of one scenario built from the data in ``source``."""
     ident = {
         "name": name,
         "params": params,
+        "source": str(source.resolve()) if source is not None else None,
         "format": CACHE_FORMAT,
         "avalanche": version("avalanche-lib"),
     }
@@ -74,12 +97,16 @@ def cached_scenario(
     params: dict[str, Any],
     build_benchmark: Callable[[], Any],
     cache: Path,
+    source: Path | None = None,
 ) -> Scenario:
     """Return the scenario from the cache, materializing ``build_benchmark()`` first if needed.
 
+    ``source`` (the data root) is part of the key: another folder may hold other files.
     Concurrent processes (DDP ranks, sweep jobs) wait on a file lock so one of them writes.
     """
-    folder = cache / "scenarios" / f"{name}-{cache_key(name, params)}"
+    if _checking_only.get():
+        raise _Checked
+    folder = cache / "scenarios" / f"{name}-{cache_key(name, params, source)}"
     if not (folder / "meta.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder.with_suffix(".lock")):

@@ -91,7 +91,9 @@ def split_cifar110(
         n_experiences=n_experiences, protocol=protocol, cifar100_classes=cifar100_classes
     )
     build = partial(_cifar110_benchmark, n_experiences, protocol, cifar100_classes, data_root(root))
-    return cached_scenario("split_cifar110", protocol, params, build, cache_root(cache))
+    return cached_scenario(
+        "split_cifar110", protocol, params, build, cache_root(cache), data_root(root)
+    )
 
 
 def normalized(images: Tensor, name: str) -> Tensor:
@@ -109,7 +111,7 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
         n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
     )
     build = partial(_split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root))
-    return cached_scenario(name, protocol, params, build, cache_root(cache))
+    return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
 
 
 def _split_benchmark(dataset, n_experiences, protocol, seed, order, root):

@@ -39,6 +39,7 @@ def permuted_mnist(
         params,
         partial(_permuted, n_experiences, protocol, seed, data_root(root), cache_root(cache)),
         cache_root(cache),
+        data_root(root),
     )
 
 
@@ -78,7 +79,7 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
     build = partial(
         _split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root), cache_root(cache)
     )
-    return cached_scenario(name, protocol, params, build, cache_root(cache))
+    return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
 
 
 def _permuted(n_experiences, protocol, seed, root, cache):

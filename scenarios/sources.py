@@ -116,15 +116,16 @@ def load_cifar(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
 def _parse_cifar(name: str, read) -> tuple[ImageSplit, ImageSplit]:
     if name == "CIFAR10":
         train_members = [f"data_batch_{i}" for i in range(1, 6)]
-        test_members, label_key = ["test_batch"], b"labels"
+        test_members, label_key = ["test_batch"], "labels"
     else:
-        train_members, test_members, label_key = ["train"], ["test"], b"fine_labels"
+        train_members, test_members, label_key = ["train"], ["test"], "fine_labels"
 
     def split(members: list[str]) -> ImageSplit:
         images, labels = [], []
         for member in members:
-            batch = pickle.loads(read(member), encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8))
+            # The archives are Python 2 pickles; latin1 decodes their keys as torchvision does.
+            batch = pickle.loads(read(member), encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8))
             labels.append(np.asarray(batch[label_key], dtype=np.int64))
         x = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.concatenate(labels))

@@ -1,0 +1,48 @@
+"""Shared fixtures: one scenario cache per test session, and the real MNIST data when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh scenario cache for the session (tests never touch the user's ~/.cache)."""
+    cache = tmp_path_factory.mktemp("afmbench-cache")
+    os.environ["AFMBENCH_CACHE_DIR"] = str(cache)
+    return cache
+
+
+def _shared_data() -> Path | None:
+    for candidate in (os.environ.get("AFMBENCH_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The folder holding MNIST/raw/*.gz (read-only is fine); skips where there is none."""
+    root = _shared_data()
+    if root is None:
+        pytest.skip("real MNIST not found: set AFMBENCH_DATA_DIR to a folder holding MNIST/raw/")
+    return root
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``afmbench`` in a subprocess exactly as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "afmbench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )

@@ -1,0 +1,81 @@
+"""The ``afmbench`` command end to end, and bad input: one clear line and a non-zero exit."""
+
+import json
+
+import pytest
+
+from afmbench.cli import main
+from afmbench.strategies import STRATEGIES
+from tests.conftest import run_cli
+
+QUIET = "trainer.enable_progress_bar=false"
+
+
+def test_embedded_default_runs_end_to_end(tmp_path):
+    out = run_cli("run", f"run_dir={tmp_path / 'default'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Accuracy matrix" in out.stdout and "ACC" in out.stdout and "BWT" in out.stdout
+    folder = tmp_path / "default"
+    for name in ("config.yaml", "metrics.json", "accuracy_matrix.csv", ".hydra/overrides.yaml"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["scenario"] == "split_digits" and metrics["status"] == "finished"
+    assert len(metrics["accuracy_matrix"]) == 5
+    assert f"{metrics['acc']:.4f}" in out.stdout
+
+
+def test_sweep_runs_every_combination(tmp_path):
+    out = run_cli("run", "-m", "strategy=naive,joint", "seed=0,1", "trainer.max_epochs=1",
+                  "scenario.n_experiences=2", QUIET, f"run_dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 4
+    strategies = {json.loads((tmp_path / "sweep" / r / "metrics.json").read_text())["strategy"] for r in runs}
+    assert strategies == {"naive", "joint"}
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["scenario=imagenet"], "unknown scenario 'imagenet'; fix: use one of "),
+        (["strategy=magic"], "unknown strategy 'magic'; fix: use one of "),
+        (["model=transformer"], "unknown model 'transformer'; fix: use one of "),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs must be a whole number or null, got 'abc'"),
+        (["optimizer.lr=fast"], "optimizer.lr must be a number, got 'fast'"),
+        (["trainer.max_epoch=1"], "unknown option trainer.max_epoch; fix: did you mean trainer.max_epochs?"),
+        (["scenario.n_experiences=3"], "scenario.n_experiences=3 does not divide the 10 classes"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be positive"),
+        (["-m", "seed=0,x"], "seed must be a non-negative whole number, got 'x'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, expected):
+    code = main(["run", *args, f"run_dir={tmp_path / 'bad'}", QUIET])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("afmbench: error: "), err
+    assert expected in lines[0]
+    assert not (tmp_path / "bad").exists()  # nothing ran
+
+
+def test_bad_input_through_the_real_command(tmp_path):
+    out = run_cli("run", "strategy=magic", f"run_dir={tmp_path / 'bad'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "afmbench: error: unknown strategy 'magic'; fix: use one of " + ", ".join(sorted(STRATEGIES))
+    ]
+
+
+def test_missing_data_names_the_files_and_exits_2(tmp_path):
+    out = run_cli("run", "scenario=split_mnist", f"data.root={tmp_path / 'nowhere'}",
+                  f"data.cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", QUIET)  # fmt: skip
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("afmbench: error:")]
+    assert len(errors) == 1 and "Traceback" not in out.stderr
+    assert "MNIST data not found" in errors[0] and "train-images-idx3-ubyte.gz" in errors[0]
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in errors[0]
+
+
+def test_help_lists_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0 and "leaderboard" in out.stdout and "run" in out.stdout

@@ -1,0 +1,91 @@
+"""The experience loop through the Python API: files, determinism, bounds, real forgetting."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import afmbench
+from afmbench.config import OptimizerConfig
+
+
+def _digits_run(seed=0, run_dir=None, joint=False, **kwargs):
+    scenario = afmbench.build_scenario("split_digits", seed=seed)
+    afmbench.seed_everything(seed)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[32, 32])
+    kwargs.setdefault("optimizer", OptimizerConfig(lr=0.05, momentum=0.9))
+    return afmbench.run(
+        scenario, model, joint=joint, max_epochs=3, batch_size=32, seed=seed, run_dir=run_dir,
+        verbose=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_python_api_writes_the_run_folder(tmp_path):
+    result = _digits_run(run_dir=tmp_path / "run")
+    assert result.accuracy_matrix.shape == (5, 5)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "avg_acc_per_task", "scenario",
+                "protocol", "strategy", "forgetting_layer", "seed", "train_time_s", "config_hash", "versions"):  # fmt: skip
+        assert key in metrics, key
+    assert metrics["status"] == "finished" and metrics["strategy"] == "naive"
+    assert metrics["forgetting_layer"] is False and metrics["protocol"] == "task"
+    assert np.allclose(metrics["accuracy_matrix"], result.accuracy_matrix)
+    assert metrics["acc"] == pytest.approx(result.accuracy_matrix[-1].mean())
+    csv = (tmp_path / "run" / "accuracy_matrix.csv").read_text().splitlines()
+    assert csv[0] == "after,task_0,task_1,task_2,task_3,task_4" and len(csv) == 6
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["experience_4.ckpt"]
+
+
+def test_diagonal_is_learned_and_untrained_baseline_is_near_chance():
+    result = _digits_run()
+    assert np.diag(result.accuracy_matrix).min() > 0.9
+    assert np.abs(result.baseline_accuracy - 0.5).max() < 0.3  # two-way heads before training
+
+
+def test_same_seed_gives_the_same_matrix_and_another_seed_does_not():
+    a, b, c = _digits_run(seed=0), _digits_run(seed=0), _digits_run(seed=1)
+    assert np.array_equal(a.accuracy_matrix, b.accuracy_matrix)
+    assert not np.array_equal(a.accuracy_matrix, c.accuracy_matrix)
+
+
+def test_joint_is_an_upper_bound_on_naive():
+    naive, joint = _digits_run(), _digits_run(joint=True)
+    assert joint.accuracy_matrix.shape == (1, 5)
+    assert joint.metrics["acc"] >= naive.metrics["acc"]
+    assert joint.metrics["strategy"] == "joint" and joint.metrics["bwt"] is None
+
+
+def test_checkpoints_carry_model_and_accuracy_matrix(tmp_path):
+    result = _digits_run(run_dir=tmp_path / "run", keep_checkpoints=True)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("experience_*.ckpt"))) == 5
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_4.ckpt", weights_only=False)
+    restored = afmbench.AccuracyMatrix(6, 5)
+    restored.load_state_dict({k[len("accuracy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("accuracy.")})
+    assert np.allclose(restored.compute()[1:].numpy(), result.accuracy_matrix)
+    assert any(k.startswith("model.body.") for k in ckpt["state_dict"])
+
+
+def test_optimizer_state_carries_over_when_not_reset():
+    carried = _digits_run(optimizer=OptimizerConfig(lr=0.05, momentum=0.9, reset_between_experiences=False))
+    reset = _digits_run()
+    assert not np.array_equal(carried.accuracy_matrix, reset.accuracy_matrix)
+
+
+@pytest.mark.slow
+def test_permuted_mnist_naive_forgets(mnist_root, tmp_path):
+    """Three permutations, one epoch each, on the real MNIST archives."""
+    from tests.conftest import run_cli
+
+    out = run_cli(
+        "run", "scenario=permuted_mnist", "scenario.n_experiences=3", "trainer.max_epochs=1",
+        "strategy=naive", "seed=0", f"run_dir={tmp_path / 'pm'}", f"data.root={mnist_root}",
+        "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "pm" / "metrics.json").read_text())
+    matrix = np.array(metrics["accuracy_matrix"])
+    assert matrix.shape == (3, 3)
+    assert np.diag(matrix).min() > 0.9, matrix
+    assert metrics["bwt"] < 0, matrix
+    assert metrics["scenario"] == "permuted_mnist" and metrics["protocol"] == "domain"

@@ -1,0 +1,172 @@
+"""Scenarios: protocols, class orders, the tensor cache, and equality with Avalanche's own output."""
+
+import numpy as np
+import pytest
+import torch
+
+from afmbench.errors import ConfigError, DataNotFoundError
+from afmbench.scenarios import build_scenario
+from afmbench.scenarios.cache import decode, encode
+from afmbench.scenarios.sources import prepare_mnist_like
+
+
+def test_split_digits_task_protocol_has_one_two_way_head_per_task():
+    scenario = build_scenario("split_digits", n_experiences=5, protocol="task")
+    assert scenario.head_sizes == (2, 2, 2, 2, 2)
+    assert scenario.classes == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+    assert scenario.task_ids == (0, 1, 2, 3, 4)
+    x, y, t = scenario.train(3)
+    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32
+    assert set(y.tolist()) == {0, 1} and set(t.tolist()) == {3}
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_split_digits_class_protocol_keeps_global_labels_and_one_head():
+    scenario = build_scenario("split_digits", n_experiences=5, protocol="class")
+    assert scenario.head_sizes == (10,)
+    _, y, t = scenario.test(2)
+    assert set(y.tolist()) == {4, 5} and set(t.tolist()) == {0}
+
+
+def test_split_digits_domain_protocol_shares_one_two_way_head():
+    scenario = build_scenario("split_digits", n_experiences=5, protocol="domain")
+    assert scenario.head_sizes == (2,)
+    _, y, t = scenario.train(4)
+    assert set(y.tolist()) == {0, 1} and set(t.tolist()) == {0}
+
+
+def test_shuffled_class_order_follows_the_seed():
+    a = build_scenario("split_digits", class_order="shuffled", seed=1)
+    b = build_scenario("split_digits", class_order="shuffled", seed=1)
+    c = build_scenario("split_digits", class_order="shuffled", seed=2)
+    assert a.classes == b.classes
+    assert a.classes != c.classes
+    assert sorted(sum(a.classes, ())) == list(range(10))
+
+
+def test_explicit_class_order():
+    scenario = build_scenario("split_digits", n_experiences=2, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    assert scenario.classes == ((5, 6, 7, 8, 9), (0, 1, 2, 3, 4))
+
+
+def test_permuted_digits_permutes_pixels_differently_per_experience():
+    scenario = build_scenario("permuted_digits", n_experiences=3, seed=0)
+    (x0, y0, _), (x1, y1, _) = scenario.train(0), scenario.train(1)
+    assert torch.equal(y0, y1)
+    assert not torch.equal(x0, x1)
+    # a permutation moves pixels, so each image keeps its multiset of values
+    assert torch.equal(x0.flatten(1).sort(dim=1).values, x1.flatten(1).sort(dim=1).values)
+
+
+def test_joint_train_concatenates_every_experience():
+    scenario = build_scenario("split_digits")
+    x, y, t = scenario.joint_train()
+    assert len(x) == sum(len(scenario.train(e)[0]) for e in range(5))
+    assert set(t.tolist()) == set(range(5))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"n_experiences": 3}, "does not divide the 10 classes"),
+        ({"protocol": "sideways"}, "unknown protocol"),
+        ({"class_order": [0, 1]}, "not a valid class order"),
+    ],
+)
+def test_bad_split_parameters_name_the_problem(params, message):
+    with pytest.raises(ConfigError, match=message):
+        build_scenario("split_digits", **params)
+
+
+def test_permuted_scenarios_reject_the_class_protocol():
+    with pytest.raises(ConfigError, match="not available for permuted_digits"):
+        build_scenario("permuted_digits", protocol="class")
+
+
+def test_unknown_scenario_lists_valid_names():
+    with pytest.raises(ConfigError, match="split_mnist"):
+        build_scenario("nope")
+
+
+def test_encode_is_lossless_for_pixel_data_and_falls_back_to_raw():
+    pixels = (torch.randint(0, 256, (50, 3, 4, 4)).float() / 255 - 0.5) / 0.25
+    packed = encode(pixels)
+    assert packed["codes"].dtype == torch.uint8
+    assert torch.equal(decode(packed), pixels)
+    noise = torch.randn(100, 400)
+    assert "raw" in encode(noise) and torch.equal(decode(encode(noise)), noise)
+
+
+def test_cached_scenario_is_read_back_without_rebuilding(monkeypatch):
+    first = build_scenario("split_digits", n_experiences=2)
+    import afmbench.scenarios.cache as cache
+
+    monkeypatch.setattr(cache, "materialize", lambda *a, **k: pytest.fail("cache miss"))
+    again = build_scenario("split_digits", n_experiences=2)
+    assert again.classes == first.classes
+    assert torch.equal(again.train(1)[0], first.train(1)[0])
+
+
+def test_missing_mnist_names_the_files_and_where(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        build_scenario("split_mnist", root=str(tmp_path / "empty"), cache=str(tmp_path / "cache"))
+    text = str(info.value)
+    assert "MNIST" in text and "train-images-idx3-ubyte.gz" in text and "MNIST/raw" in text
+    assert "AFMBENCH_DATA_DIR" in text
+
+
+def _avalanche_samples(dataset, indices):
+    items = [dataset[int(i)] for i in indices]
+    return (
+        torch.stack([x for x, _, _ in items]),
+        torch.tensor([y for _, y, _ in items]),
+        torch.tensor([t for _, _, t in items]),
+    )
+
+
+def _assert_equal_to_avalanche(ours, benchmark, n_check=400):
+    rng = np.random.default_rng(0)
+    for split, stream in (("train", benchmark.train_stream), ("test", benchmark.test_stream)):
+        for e, experience in enumerate(stream):
+            x, y, t = ours.train(e) if split == "train" else ours.test(e)
+            assert len(x) == len(experience.dataset)
+            idx = rng.choice(len(x), size=min(n_check, len(x)), replace=False)
+            ax, ay, at = _avalanche_samples(experience.dataset, idx)
+            assert torch.equal(x[idx], ax), f"{split} experience {e}: inputs differ"
+            assert torch.equal(y[idx], ay) and torch.equal(t[idx], at)
+
+
+@pytest.mark.slow
+def test_permuted_mnist_tensors_equal_avalanche(mnist_root, session_cache):
+    from avalanche.benchmarks.classic import PermutedMNIST
+
+    ours = build_scenario("permuted_mnist", n_experiences=3, seed=0, root=str(mnist_root))
+    theirs = PermutedMNIST(
+        3, seed=0, dataset_root=prepare_mnist_like("MNIST", mnist_root, session_cache)
+    )
+    _assert_equal_to_avalanche(ours, theirs)
+    assert ours.task_ids == (0, 0, 0) and ours.head_sizes == (10,)
+
+
+@pytest.mark.slow
+def test_split_mnist_tensors_equal_avalanche(mnist_root, session_cache):
+    from avalanche.benchmarks.classic import SplitMNIST
+
+    ours = build_scenario("split_mnist", n_experiences=5, protocol="task", seed=0, root=str(mnist_root))
+    theirs = SplitMNIST(
+        5, seed=0, return_task_id=True, fixed_class_order=list(range(10)),
+        class_ids_from_zero_in_each_exp=True,
+        dataset_root=prepare_mnist_like("MNIST", mnist_root, session_cache),
+    )  # fmt: skip
+    _assert_equal_to_avalanche(ours, theirs)
+    assert ours.classes == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+def test_read_only_data_root_with_archives_only_works(mnist_root, tmp_path):
+    """The shared data folder holds only .gz archives; extraction goes to the cache."""
+    root = prepare_mnist_like("MNIST", mnist_root, tmp_path)
+    extracted = sorted(p.name for p in (root / "MNIST" / "raw").iterdir())
+    assert extracted == sorted(
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    )
+    assert (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 10008
