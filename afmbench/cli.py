@@ -69,14 +69,20 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
     """Compose and plan every combination of the overrides; raise :class:`ConfigError` on the
     first problem. Large sweeps check their first combinations only."""
     from afmbench.config import load_config
+    from afmbench.results import prepare_run_dir
     from afmbench.runner import plan
 
+    run_dirs = set()
     for combination in itertools.islice(expand_sweeps(overrides, multirun), MAX_CHECKED_COMBINATIONS):
         try:
             cfg = load_config(combination)
         except Exception as exc:  # Hydra's composition errors, translated below
             raise explain_hydra_error(exc, combination) from exc
         plan(cfg)
+        run_dirs.add(cfg.run_dir or "runs")
+    for run_dir in sorted(run_dirs):
+        # Hydra creates the output folder before a job starts: prove it can, or say why not.
+        prepare_run_dir(run_dir)
 
 
 def expand_sweeps(overrides: list[str], multirun: bool):
@@ -133,10 +139,20 @@ def _suggest_key(key: str) -> str:
 def route_run_dir(args: list[str], multirun: bool) -> list[str]:
     """Make Hydra's output folder the run folder the user asked for.
 
-    A single run with ``run_dir=X`` writes Hydra's files into X too; in a sweep, ``run_dir=X``
-    becomes the sweep folder and every job gets its own sub-folder.
+    A single run with ``run_dir=X`` writes Hydra's files into X too (as does ``resume=X``,
+    which continues run X in place); in a sweep, ``run_dir=X`` becomes the sweep folder and
+    every job gets its own sub-folder.
     """
     given = [a for a in args if a.startswith("run_dir=")]
+    resumed = [a for a in args if a.startswith("resume=") and a.split("=", 1)[1].lower() not in ("true", "false")]
+    if not given and resumed and not multirun:
+        from afmbench.checkpoint import find_checkpoint, run_folder_of
+
+        try:
+            folder = run_folder_of(find_checkpoint(resumed[-1].split("=", 1)[1], None))
+        except AfmbenchError:
+            return args  # the run itself reports what is wrong with the path
+        return [*args, f"run_dir={folder}", f"hydra.run.dir={folder}"]
     if not given:
         return args
     path = given[-1].split("=", 1)[1]

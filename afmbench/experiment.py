@@ -23,6 +23,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 
+from afmbench.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, restore, run_folder_of
 from afmbench.config import OptimizerConfig
 from afmbench.errors import AfmbenchError
 from afmbench.loader import TensorLoader
@@ -96,6 +97,7 @@ def run(
     logger: Logger | None = None,
     record: dict[str, Any] | None = None,
     keep_checkpoints: bool = False,
+    resume: bool | str | Path = False,
     verbose: bool = True,
 ) -> RunResult:
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
@@ -103,13 +105,23 @@ def run(
     ``joint=True`` trains once on all experiences' data (the upper bound). ``record`` adds
     identity fields (strategy name, config, config hash) to ``metrics.json``; the defaults
     describe a Python-API run. With ``run_dir`` set, the run folder is written as the run goes.
+    ``resume=True`` (or a run folder / checkpoint path) continues an interrupted run after its
+    last complete experience; the result equals that of an uninterrupted run.
     """
     plugins = list(plugins)
+    for plugin in plugins:
+        plugin.prepare(model)
     steps = 1 if joint else scenario.n_experiences
     module = ContinualModule(model, scenario.n_experiences, steps + 1, optimizer)
     record = {**default_record(scenario, plugins, joint, seed), **(record or {})}
+    resume_from = find_checkpoint(resume, Path(run_dir) if run_dir else None) if resume else None
+    if resume_from is not None and run_dir is None:
+        run_dir = run_folder_of(resume_from)
     folder = prepare_run_dir(run_dir) if run_dir is not None else None
     trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
+    if trainer_kwargs.get("strategy") == "ddp" and scenario.multi_head:
+        # Only the current task's head takes part in a step; DDP must be told to expect that.
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     tests = [TensorLoader(scenario.test(j), eval_batch_size) for j in range(scenario.n_experiences)]
     progress = ExperienceProgressBar(steps)
 
@@ -130,10 +142,15 @@ def run(
     with _LightningChatter(verbose) as chatter:
         trainer = make_trainer()
         chatter.quiet()
-        seed_everything(experience_seed(seed, -1), verbose=False)
-        _evaluate(trainer, module, tests, row=0)
-        state.baseline = module.accuracy.compute()[0].cpu().numpy()
-        for step in range(steps):
+        if resume_from is not None:
+            state.resume(load_checkpoint(resume_from), resume_from, module, plugins)
+            if verbose and trainer.is_global_zero:
+                print(f"resuming after experience {len(state.train_s)}/{steps} from {resume_from}")
+        else:
+            seed_everything(experience_seed(seed, -1), verbose=False)
+            _evaluate(trainer, module, tests, row=0)
+            state.baseline = module.accuracy.compute()[0].cpu().numpy()
+        for step in range(len(state.train_s), steps):
             split = scenario.joint_train() if joint else scenario.train(step)
             module.experience = step
             module.task_id = _task_argument(scenario, step, joint)
@@ -218,13 +235,25 @@ class _RunState:
         }
         return matrix, metrics
 
+    def resume(self, ckpt: dict[str, Any], path: Path, module: ContinualModule, plugins) -> None:
+        loop = restore(ckpt, path, module, plugins, self.record["config_hash"])
+        self.baseline = np.asarray(loop["baseline"])
+        self.train_s, self.eval_s = list(loop["train_s"]), list(loop["eval_s"])
+
     def save(self, module: ContinualModule, trainer: Trainer, step: int) -> None:
         """After an experience: checkpoint, then the matrix and metrics so far (rank 0 writes)."""
         matrix, metrics = self.metrics(module, "running")
         if self.folder is None:
             return
-        checkpoints = self.folder / "checkpoints"
-        path = checkpoints / f"experience_{step}.ckpt"
+        module.loop_state = {
+            "step": step,
+            "config_hash": self.record["config_hash"],
+            "baseline": self.baseline,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+        }
+        path = checkpoint_path(self.folder, step)
+        checkpoints = path.parent
         tmp = checkpoints / f".experience_{step}.ckpt.tmp"
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
@@ -233,7 +262,7 @@ class _RunState:
                 for old in checkpoints.glob("experience_*.ckpt"):
                     if old != path:
                         old.unlink()
-            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix)
+            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
             write_json(self.folder / "metrics.json", metrics)
         trainer.strategy.barrier()
 
@@ -246,7 +275,7 @@ class _RunState:
     def finish(self, module: ContinualModule, trainer: Trainer, verbose: bool) -> RunResult:
         matrix, metrics = self.metrics(module, "finished")
         if self.folder is not None and trainer.is_global_zero:
-            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix)
+            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
             write_json(self.folder / "metrics.json", metrics)
         result = RunResult(matrix, self.baseline, metrics, self.folder, module)
         if verbose and trainer.is_global_zero:

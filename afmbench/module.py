@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -43,6 +44,7 @@ class ContinualModule(LightningModule):
         self.train_split: Split | None = None
         self.eval_row = 0
         self.penalty_grads: dict[str, Tensor] = {}
+        self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
 
     # -- what plugins use --------------------------------------------------------------
@@ -80,6 +82,12 @@ class ContinualModule(LightningModule):
         return self.model(x, task)
 
     # -- Lightning hooks ---------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Several CPU processes on one machine would each start one thread per core;
+        # OpenMP then spins against itself. Share the cores instead.
+        if self.trainer.world_size > 1 and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices)))
+
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, t = batch
         task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
@@ -112,6 +120,11 @@ class ContinualModule(LightningModule):
         if self._optimizer is None or self.optimizer_config.reset_between_experiences:
             self._optimizer = make_optimizer(self.optimizer_config, self.parameters())
         return self._optimizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints also carry the experience loop's state and the persistent optimizer."""
+        optimizer = self._optimizer.state_dict() if self._optimizer is not None else None
+        checkpoint["afmbench"] = {**self.loop_state, "optimizer": optimizer}
 
     def _store_penalty_grads(self, penalty: Tensor) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -5,7 +5,9 @@ among the trainer's callbacks for :meth:`ContinualPlugin.penalty` in ``training_
 them up. Everything else a strategy does happens in ordinary Lightning hooks, each called once
 per experience because every experience is one ``Trainer.fit``:
 
-- ``setup``: change the model before the optimizer exists (the forgetting layer does this);
+- :meth:`ContinualPlugin.prepare`: change the model's structure (the forgetting layer inserts
+  its gates); called by the loop before anything else, and again from ``setup`` if you like
+  (it must be idempotent), so weights can be restored from a checkpoint into the final shape;
 - ``on_train_start``: the experience begins (e.g. remember the starting parameters);
 - ``on_before_optimizer_step`` / ``on_train_batch_end``: per-step bookkeeping (SI's path
   integral);
@@ -24,6 +26,7 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from afmbench.models import ContinualModel
     from afmbench.module import ContinualModule
 
 
@@ -35,6 +38,10 @@ class ContinualPlugin(Callback):
     #: Set by plugins that need the gradient of the task loss alone (SI); the module then
     #: stores the gradient of the summed penalties in ``module.penalty_grads`` every step.
     needs_penalty_grads: bool = False
+
+    def prepare(self, model: ContinualModel) -> None:
+        """Change ``model``'s structure before an optimizer or a checkpoint sees it (idempotent)."""
+        return None
 
     def penalty(self, module: ContinualModule) -> Tensor | None:
         """The term this plugin adds to the loss for the current batch (None: nothing)."""

@@ -48,12 +48,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
-def write_matrix_csv(path: Path, matrix: np.ndarray) -> None:
-    """Rows are "after experience i", columns "task j"."""
-    n_rows, n_tasks = matrix.shape
-    lines = ["after," + ",".join(f"task_{j}" for j in range(n_tasks))]
-    for i, row in enumerate(matrix):
-        label = "joint" if n_rows == 1 and n_tasks > 1 else f"experience_{i}"
+def row_labels(n_rows: int, joint: bool) -> list[str]:
+    """Names of the accuracy matrix's rows: the experience just trained, or ``joint``."""
+    return ["joint"] if joint else [f"experience_{i}" for i in range(n_rows)]
+
+
+def write_matrix_csv(path: Path, matrix: np.ndarray, joint: bool = False) -> None:
+    """Rows are "after experience i" (or the one joint model), columns "task j"."""
+    lines = ["after," + ",".join(f"task_{j}" for j in range(matrix.shape[1]))]
+    for label, row in zip(row_labels(len(matrix), joint), matrix):
         lines.append(label + "," + ",".join("" if np.isnan(v) else f"{v:.6f}" for v in row))
     write_atomic(path, "\n".join(lines) + "\n")
 
@@ -71,12 +74,11 @@ def versions() -> dict[str, str]:
 
 def format_report(matrix: np.ndarray, metrics: dict[str, Any]) -> str:
     """The accuracy matrix and the headline metrics as a plain-text table."""
-    n_rows, n_tasks = matrix.shape
-    head = "after \\ task " + " ".join(f"{j:>6d}" for j in range(n_tasks))
+    head = "after \\ task " + " ".join(f"{j:>6d}" for j in range(matrix.shape[1]))
     lines = ["Accuracy matrix R[i, j] (test accuracy on task j after training experience i)", head]
-    for i, row in enumerate(matrix):
-        label = "joint" if n_rows == 1 and n_tasks > 1 else f"exp {i}"
-        lines.append(f"{label:>12s} " + " ".join(f"{v:6.3f}" for v in row))
+    labels = row_labels(len(matrix), metrics.get("strategy") == "joint")
+    for label, row in zip(labels, matrix):
+        lines.append(f"{label.replace('experience_', 'exp '):>12s} " + " ".join(f"{v:6.3f}" for v in row))
     lines.append("")
     rows = [
         ("ACC", metrics.get("acc")),

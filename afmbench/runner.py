@@ -54,6 +54,7 @@ class Plan:
     seed: int
     logger: dict[str, Any]
     keep_checkpoints: bool
+    resume: bool | str
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +66,8 @@ def plan(cfg: DictConfig) -> Plan:
     seed = cfg.seed
     require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
             f"seed must be a non-negative whole number, got {seed!r}", "e.g. seed=0")  # fmt: skip
+    require(isinstance(cfg.resume, (bool, str)),
+            f"resume must be true, false or a path, got {cfg.resume!r}", "e.g. resume=true")  # fmt: skip
 
     scenario_name = str(cfg.scenario.name)
     scenario = check_params(cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name",))
@@ -114,6 +117,7 @@ def plan(cfg: DictConfig) -> Plan:
         seed=seed,
         logger=logger,
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
+        resume=cfg.resume,
         record=record,
     )
 
@@ -160,6 +164,7 @@ def execute(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         logger=make_logger(p.logger, folder),
         record=p.record,
         keep_checkpoints=p.keep_checkpoints,
+        resume=p.resume,
     )
 
 

@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite's models are tiny: one thread per process is as fast, and two-process DDP tests on
+# a two-core machine would otherwise oversubscribe OpenMP and slow down tenfold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -66,6 +66,15 @@ def test_bad_input_through_the_real_command(tmp_path):
     ]
 
 
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["run", f"run_dir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"afmbench: error: run_dir {blocker / 'run'} is not writable")
+    assert "fix: pass a folder you can write to" in err and len(err.splitlines()) == 1
+
+
 def test_missing_data_names_the_files_and_exits_2(tmp_path):
     out = run_cli("run", "scenario=split_mnist", f"data.root={tmp_path / 'nowhere'}",
                   f"data.cache={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", QUIET)  # fmt: skip

@@ -1,0 +1,95 @@
+"""Finding, reading and restoring the checkpoint written after each experience.
+
+A checkpoint is a Lightning checkpoint (module weights including the accuracy-matrix counts,
+every plugin's ``state_dict`` under ``callbacks``) plus an ``afmbench`` entry with the loop's
+own state: the last finished step, the untrained baseline, timings, the optimizer state and
+the config hash. Anything unreadable is a :class:`CheckpointError`; a resume never silently
+starts afresh.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from afmbench.errors import CheckpointError
+from afmbench.module import ContinualModule, make_optimizer
+from afmbench.plugin import ContinualPlugin
+
+CHECKPOINT = re.compile(r"experience_(\d+)\.ckpt$")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / "checkpoints" / f"experience_{step}.ckpt"
+
+
+def find_checkpoint(resume: bool | str | Path, run_dir: Path | None) -> Path:
+    """The checkpoint ``resume`` points at: ``True`` means the latest one in ``run_dir``;
+    a path may be a checkpoint file or a run folder."""
+    where = run_dir if resume is True else Path(str(resume)).expanduser()
+    if where is None:
+        raise CheckpointError("resume=true needs a run folder", "pass run_dir=PATH or resume=PATH")
+    if where.is_file():
+        return where
+    found = [
+        (int(m.group(1)), p)
+        for folder in (where / "checkpoints", where)
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if (m := CHECKPOINT.search(p.name))
+    ]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint to resume from in {where}",
+            "point resume= at a run folder with checkpoints/, or run without resume to start afresh",
+        )
+    return max(found)[1]
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/experience_k.ckpt``)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint, turning truncation and corruption into one clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, bad pickle, unreadable file...
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:80]})",
+            "delete it and resume from an earlier one (checkpoint.keep_all=true keeps them), "
+            "or start afresh without resume",
+        ) from exc
+    if not isinstance(ckpt, dict) or "afmbench" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not an afmbench checkpoint", "point resume= at a run folder")
+    return ckpt
+
+
+def restore(
+    ckpt: dict[str, Any], path: Path, module: ContinualModule, plugins: Sequence[ContinualPlugin], config_hash: str
+) -> dict[str, Any]:
+    """Load weights, plugin states and optimizer state into a fresh run; return the loop state."""
+    state = ckpt["afmbench"]
+    if state.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different configuration "
+            f"(hash {state.get('config_hash')}, this run {config_hash})",
+            "resume with the same overrides as the interrupted run",
+        )
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+        for plugin in plugins:
+            plugin.load_state_dict(ckpt["callbacks"][plugin.state_key])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc)[:120]})",
+            "resume with the same strategy, model and plugins as the interrupted run",
+        ) from exc
+    if state.get("optimizer") is not None:
+        module._optimizer = make_optimizer(module.optimizer_config, module.parameters())
+        module._optimizer.load_state_dict(state["optimizer"])
+    return state

@@ -1,0 +1,90 @@
+"""Kill a run with SIGKILL, resume it, and get exactly the matrix of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import afmbench
+from afmbench.errors import CheckpointError
+from tests.conftest import REPO, run_cli
+
+ARGS = (
+    "scenario=permuted_digits", "scenario.n_experiences=4", "trainer.max_epochs=6",
+    "optimizer.reset_between_experiences=false", "trainer.enable_progress_bar=false",
+)  # fmt: skip
+
+
+def _matrix(folder):
+    return np.array(json.loads((folder / "metrics.json").read_text())["accuracy_matrix"])
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    full = run_cli("run", *ARGS, f"run_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    folder = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afmbench", "run", *ARGS, f"run_dir={folder}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    first = folder / "checkpoints" / "experience_0.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((folder / "metrics.json").read_text())["experiences_done"]
+    assert done < 4, "the run finished before it could be killed"
+
+    resumed = run_cli("run", *ARGS, f"run_dir={folder}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after experience" in resumed.stdout
+    assert np.array_equal(_matrix(folder), _matrix(tmp_path / "full"))
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "finished"
+
+
+def _tiny_run(folder, **kwargs):
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    return afmbench.run(scenario, model, max_epochs=1, run_dir=folder, verbose=False, **kwargs)
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    _tiny_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "experience_1.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        _tiny_run(tmp_path / "run", resume=True)
+    out = run_cli("run", "scenario.n_experiences=2", f"run_dir={tmp_path / 'run'}", "resume=true")
+    assert out.returncode == 2
+    assert [line for line in out.stderr.splitlines() if line.startswith("afmbench: error:")][0].count(
+        "truncated or corrupt"
+    ) == 1
+
+
+def test_resume_without_checkpoints_never_starts_afresh(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        _tiny_run(tmp_path / "empty", resume=True)
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    _tiny_run(tmp_path / "run", keep_checkpoints=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "experience_0.ckpt"
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _tiny_run(tmp_path / "run", resume=ckpt, record={"config_hash": "something-else"})
+
+
+def test_checkpoint_holds_the_loop_state(tmp_path):
+    _tiny_run(tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_1.ckpt", weights_only=False)
+    loop = ckpt["afmbench"]
+    assert loop["step"] == 1 and len(loop["train_s"]) == 2 and len(loop["baseline"]) == 2
