@@ -19,26 +19,50 @@ import warnings
 # Avalanche imports qpsolvers, which warns on import about solvers afmbench never uses.
 warnings.filterwarnings("ignore", message=".*no QP solver found.*")
 
-from lightning.pytorch import seed_everything  # noqa: E402
+# Public names, imported on first use: `import afmbench` stays cheap, so the CLI answers
+# `--help`, `leaderboard` and configuration errors without loading torch and Lightning.
+_EXPORTS = {
+    "seed_everything": "lightning.pytorch",
+    "DataConfig": "afmbench.config",
+    "OptimizerConfig": "afmbench.config",
+    "load_config": "afmbench.config",
+    "AfmbenchError": "afmbench.errors",
+    "CheckpointError": "afmbench.errors",
+    "ConfigError": "afmbench.errors",
+    "DataNotFoundError": "afmbench.errors",
+    "DivergenceError": "afmbench.errors",
+    "RunResult": "afmbench.experiment",
+    "run": "afmbench.experiment",
+    "AccuracyMatrix": "afmbench.metrics",
+    "summarize": "afmbench.metrics",
+    "MODELS": "afmbench.models",
+    "ContinualModel": "afmbench.models",
+    "build_model": "afmbench.models",
+    "ContinualModule": "afmbench.module",
+    "ContinualPlugin": "afmbench.plugin",
+    "SCENARIOS": "afmbench.scenarios",
+    "Scenario": "afmbench.scenarios",
+    "build_scenario": "afmbench.scenarios",
+}
 
-from afmbench.config import DataConfig, OptimizerConfig, load_config  # noqa: E402
-from afmbench.errors import (  # noqa: E402
-    AfmbenchError,
-    CheckpointError,
-    ConfigError,
-    DataNotFoundError,
-    DivergenceError,
-)
-from afmbench.experiment import RunResult, run  # noqa: E402
-from afmbench.metrics import AccuracyMatrix, summarize  # noqa: E402
-from afmbench.models import MODELS, ContinualModel, build_model  # noqa: E402
-from afmbench.module import ContinualModule  # noqa: E402
-from afmbench.plugin import ContinualPlugin  # noqa: E402
-from afmbench.scenarios import SCENARIOS, Scenario, build_scenario  # noqa: E402
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'afmbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: F822  (resolved lazily by __getattr__)
     "AccuracyMatrix",
     "AfmbenchError",
     "CheckpointError",

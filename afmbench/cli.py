@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from afmbench.errors import AfmbenchError, ConfigError
@@ -182,8 +183,9 @@ def hydra_task(cfg) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
+    sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        execute(cfg, run_dir)
+        execute(cfg, run_dir, group=sweep)
     except AfmbenchError as error:
         report(error)
         if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -191,7 +193,13 @@ def hydra_task(cfg) -> None:
         _failed_jobs.append(str(run_dir))
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command}
+def leaderboard_command(args: list[str]) -> int:
+    from afmbench.leaderboard import leaderboard_command as command
+
+    return command(args)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command, "leaderboard": leaderboard_command}
 
 
 if __name__ == "__main__":

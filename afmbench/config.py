@@ -37,6 +37,7 @@ NON_IDENTITY_KEYS = (
     "seed",
     "scenario.seed",
     "checkpoint",
+    "leaderboard",
     "probe",
     "data.root",
     "data.cache",

@@ -14,14 +14,15 @@ import hashlib
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
 
 from afmbench.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, restore, run_folder_of
 from afmbench.config import OptimizerConfig
@@ -31,6 +32,8 @@ from afmbench.metrics import summarize
 from afmbench.models import ContinualModel
 from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
+from afmbench.leaderboard import record_run
+from afmbench.reporting import RunReporter
 from afmbench.results import format_report, prepare_run_dir, versions, write_json, write_matrix_csv
 from afmbench.scenarios.base import Scenario
 
@@ -98,6 +101,7 @@ def run(
     record: dict[str, Any] | None = None,
     keep_checkpoints: bool = False,
     resume: bool | str | Path = False,
+    leaderboard: str | Path | None = None,
     verbose: bool = True,
 ) -> RunResult:
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
@@ -106,7 +110,8 @@ def run(
     identity fields (strategy name, config, config hash) to ``metrics.json``; the defaults
     describe a Python-API run. With ``run_dir`` set, the run folder is written as the run goes.
     ``resume=True`` (or a run folder / checkpoint path) continues an interrupted run after its
-    last complete experience; the result equals that of an uninterrupted run.
+    last complete experience; the result equals that of an uninterrupted run. A finished run
+    is added to the SQLite ``leaderboard`` file when one is given.
     """
     plugins = list(plugins)
     for plugin in plugins:
@@ -126,7 +131,8 @@ def run(
     progress = ExperienceProgressBar(steps)
 
     def make_trainer() -> Trainer:
-        kwargs = {"enable_progress_bar": verbose, "enable_model_summary": False, **trainer_kwargs}
+        kwargs = {"enable_progress_bar": verbose, "enable_model_summary": False, "log_every_n_steps": 10}
+        kwargs.update(trainer_kwargs)
         bar = [progress] if kwargs["enable_progress_bar"] else []
         return Trainer(
             logger=logger if logger is not None else False,
@@ -138,10 +144,12 @@ def run(
             **kwargs,
         )
 
-    state = _RunState(record=record, folder=folder, keep_checkpoints=keep_checkpoints)
-    with _LightningChatter(verbose) as chatter:
+    state = _RunState(record, folder, keep_checkpoints, RunReporter(folder, logger, joint), leaderboard)
+    with _LightningChatter(verbose) as chatter, _finishing(logger, verbose):
         trainer = make_trainer()
         chatter.quiet()
+        if logger is not None:
+            logger.log_hyperparams(record.get("config") or {k: v for k, v in record.items() if k != "config"})
         if resume_from is not None:
             state.resume(load_checkpoint(resume_from), resume_from, module, plugins)
             if verbose and trainer.is_global_zero:
@@ -165,10 +173,13 @@ def run(
                 state.fail(module, error, trainer)
                 raise
             state.train_s.append(time.perf_counter() - started)
+            if hasattr(logger, "step_offset"):
+                logger.step_offset += trainer.global_step
             started = time.perf_counter()
             row = _evaluate(trainer, module, tests, row=step + 1)
             state.eval_s.append(time.perf_counter() - started)
             state.save(module, trainer, step)
+            state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
             if verbose and trainer.is_global_zero:
                 shown = " ".join(f"{a:.3f}" for a in row)
                 print(f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True)
@@ -212,6 +223,8 @@ class _RunState:
     record: dict[str, Any]
     folder: Path | None
     keep_checkpoints: bool
+    reporter: RunReporter
+    leaderboard: str | Path | None = None
     baseline: np.ndarray | None = None
     train_s: list[float] = field(default_factory=list)
     eval_s: list[float] = field(default_factory=list)
@@ -266,6 +279,13 @@ class _RunState:
             write_json(self.folder / "metrics.json", metrics)
         trainer.strategy.barrier()
 
+    def report(self, module: ContinualModule, trainer: Trainer, step: int, plugins, global_step: int) -> None:
+        """Experience-level results to W&B (rank 0 only; importances agree on every rank)."""
+        if trainer.is_global_zero:
+            matrix = module.accuracy.compute()[1 : step + 2].cpu().numpy()
+            curve = [float(np.mean(matrix[i, : i + 1])) for i in range(len(matrix))]
+            self.reporter.after_experience(step, matrix, curve, plugins, global_step)
+
     def fail(self, module: ContinualModule, error: AfmbenchError, trainer: Trainer) -> None:
         """Record a failed run without touching what earlier experiences wrote."""
         if self.folder is not None and trainer.is_global_zero:
@@ -274,13 +294,33 @@ class _RunState:
 
     def finish(self, module: ContinualModule, trainer: Trainer, verbose: bool) -> RunResult:
         matrix, metrics = self.metrics(module, "finished")
-        if self.folder is not None and trainer.is_global_zero:
-            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
-            write_json(self.folder / "metrics.json", metrics)
+        if trainer.is_global_zero:
+            metrics.update(self.reporter.finish(metrics, matrix))
+            if self.folder is not None:
+                write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
+                write_json(self.folder / "metrics.json", metrics)
+            if self.leaderboard is not None:
+                record_run(self.leaderboard, metrics, self.folder)
         result = RunResult(matrix, self.baseline, metrics, self.folder, module)
         if verbose and trainer.is_global_zero:
             print(result.report(), flush=True)
         return result
+
+
+@contextmanager
+def _finishing(logger: Logger | None, verbose: bool) -> Iterator[None]:
+    """Close the W&B run when the run ends, however it ends, so the next run starts its own."""
+    try:
+        yield
+    finally:
+        experiment = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if experiment is not None and hasattr(experiment, "finish"):
+            folder = Path(experiment.dir).parent
+            offline = experiment.settings.mode == "offline"
+            experiment.finish()
+            if verbose:
+                how = f"upload with: wandb sync {folder}" if offline else f"online at {experiment.url}"
+                print(f"W&B run {'saved in ' + str(folder) if offline else 'synced'}; {how}", flush=True)
 
 
 class _LightningChatter:

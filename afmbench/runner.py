@@ -27,6 +27,8 @@ from afmbench.config import (
 )
 from afmbench.errors import ConfigError
 from afmbench.experiment import RunResult, run
+from afmbench.leaderboard import default_db
+from afmbench.loggers import make_logger, wandb_mode
 from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
 from afmbench.results import prepare_run_dir
@@ -36,7 +38,7 @@ from afmbench.strategies import strategy_class
 
 TOP_LEVEL_KEYS = {
     "scenario", "model", "strategy", "forgetting", "trainer", "logger", "seed", "run_dir",
-    "resume", "optimizer", "data", "checkpoint", "extra_strategies", "hydra",
+    "resume", "optimizer", "data", "checkpoint", "extra_strategies", "leaderboard", "hydra",
 }  # fmt: skip
 
 
@@ -55,6 +57,7 @@ class Plan:
     logger: dict[str, Any]
     keep_checkpoints: bool
     resume: bool | str
+    leaderboard: Path | None
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +99,8 @@ def plan(cfg: DictConfig) -> Plan:
     data = DataConfig(**check_params(cfg.data, DataConfig, "data", skip=()))
     trainer = check_params(cfg.trainer, lightning.Trainer, "trainer", skip=())
     logger = to_plain(cfg.logger)
+    if logger.get("name") == "wandb":
+        wandb_mode(logger.get("mode"))  # an unknown mode fails here, not mid-run
     record = {
         "scenario": scenario_name,
         "protocol": scenario.get("protocol", _default(scenario_builder(scenario_name), "protocol")),
@@ -118,6 +123,7 @@ def plan(cfg: DictConfig) -> Plan:
         logger=logger,
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
         resume=cfg.resume,
+        leaderboard=(Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db()) if cfg.leaderboard.record else None,
         record=record,
     )
 
@@ -140,8 +146,11 @@ def build_forgetting(node: DictConfig) -> ContinualPlugin | None:
     return ForgettingLayerCallback(**check_params(node, ForgettingLayerCallback, "forgetting", skip=("enabled",)))
 
 
-def execute(cfg: DictConfig, run_dir: str | Path) -> RunResult:
-    """Run the configuration end to end, writing the run folder ``run_dir``."""
+def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> RunResult:
+    """Run the configuration end to end, writing the run folder ``run_dir``.
+
+    ``group`` names the W&B group when the config leaves it open (a sweep's runs share one).
+    """
     p = plan(cfg)
     folder = prepare_run_dir(run_dir)
     save_config(cfg, folder / "config.yaml")
@@ -161,23 +170,12 @@ def execute(cfg: DictConfig, run_dir: str | Path) -> RunResult:
         seed=p.seed,
         run_dir=folder,
         trainer_kwargs=p.trainer,
-        logger=make_logger(p.logger, folder),
+        logger=make_logger(p.logger, folder, group),
         record=p.record,
         keep_checkpoints=p.keep_checkpoints,
         resume=p.resume,
+        leaderboard=p.leaderboard,
     )
-
-
-def make_logger(spec: dict[str, Any], folder: Path):
-    """The Lightning logger ``logger.name`` asks for (None for ``none``)."""
-    name = spec.get("name", "none")
-    if name == "none":
-        return None
-    if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(folder), name="csv", version="")
-    raise ConfigError(f"unknown logger '{name}'", "use logger=none or logger=csv")
 
 
 def _default(fn, key: str) -> Any:

@@ -18,9 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh scenario cache for the session (tests never touch the user's ~/.cache)."""
+    """A fresh scenario cache and leaderboard for the session (never the user's own)."""
     cache = tmp_path_factory.mktemp("afmbench-cache")
     os.environ["AFMBENCH_CACHE_DIR"] = str(cache)
+    os.environ["AFMBENCH_LEADERBOARD"] = str(cache / "leaderboard.sqlite")
     return cache
 
 

@@ -1,0 +1,284 @@
+"""The leaderboard: one SQLite row per finished run, ranked by ACC with mean ± std over seeds.
+
+A row is written in a single transaction when a run finishes, so a killed or failed run leaves
+nothing half-written, and SQLite's locking lets many processes (a sweep, a cluster) add rows
+to the same file at once. Runs that differ only in their seed (same config hash) form one
+group; groups are ranked by mean ACC within each scenario and protocol. std is the sample
+standard deviation (n - 1), shown as 0 for a single seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_DB = "runs/leaderboard.sqlite"
+COLUMNS = (
+    "run_dir", "finished_at", "scenario", "protocol", "strategy", "forgetting_layer", "seed",
+    "model", "config_hash", "acc", "bwt", "fwt", "forgetting", "train_time_s",
+    "accuracy_matrix", "config", "metrics",
+)  # fmt: skip
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_dir TEXT UNIQUE, finished_at REAL, scenario TEXT, protocol TEXT, strategy TEXT,
+    forgetting_layer INTEGER, seed INTEGER, model TEXT, config_hash TEXT,
+    acc REAL, bwt REAL, fwt REAL, forgetting REAL, train_time_s REAL,
+    accuracy_matrix TEXT, config TEXT, metrics TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_group ON runs (scenario, protocol, config_hash);
+"""
+
+
+def default_db() -> Path:
+    """``$AFMBENCH_LEADERBOARD``, else ``runs/leaderboard.sqlite`` beside the runs."""
+    return Path(os.environ.get("AFMBENCH_LEADERBOARD") or DEFAULT_DB).expanduser()
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) the leaderboard; waits for other writers instead of failing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=120, isolation_level=None)
+    con.execute("PRAGMA busy_timeout = 120000")
+    con.executescript(SCHEMA)
+    return con
+
+
+def record_run(path: str | Path, metrics: dict[str, Any], run_dir: str | Path | None) -> None:
+    """Add a finished run (its ``metrics.json`` content) in one transaction.
+
+    Recording the same run folder twice (a resumed run) replaces its row.
+    """
+    if metrics.get("status") != "finished":
+        raise ValueError("only finished runs belong on the leaderboard")
+    row = {
+        **{key: metrics.get(key) for key in COLUMNS},
+        "run_dir": str(Path(run_dir).resolve()) if run_dir else f"python:{time.time_ns()}",
+        "finished_at": time.time(),
+        "forgetting_layer": int(bool(metrics.get("forgetting_layer"))),
+        "accuracy_matrix": json.dumps(np.asarray(metrics["accuracy_matrix"]).tolist()),
+        "config": json.dumps(metrics.get("config") or {}, default=str),
+        "metrics": json.dumps(metrics, default=_jsonable),
+    }
+    con = connect(path)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute(
+            f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            [row[c] for c in COLUMNS],
+        )
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+@dataclass
+class Group:
+    """Runs of one configuration (all seeds), summarised."""
+
+    scenario: str
+    protocol: str
+    strategy: str
+    forgetting_layer: bool
+    config_hash: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float | None, float | None]:
+        """Mean and sample std of ``key`` over the runs (std 0 for one run; None if undefined)."""
+        values = [r[key] for r in self.runs if r[key] is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def label(self) -> str:
+        return self.strategy + (" + forgetting layer" if self.forgetting_layer else "")
+
+    def mean_matrix(self) -> np.ndarray:
+        return np.mean([json.loads(r["accuracy_matrix"]) for r in self.runs], axis=0)
+
+    def curve(self) -> tuple[list[float], list[float]]:
+        """Mean and std over seeds of the average accuracy after each number of tasks."""
+        curves = np.array([json.loads(r["metrics"])["avg_acc_per_task"] for r in self.runs])
+        spread = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
+        return curves.mean(axis=0).tolist(), spread.tolist()
+
+    def importance(self) -> dict[str, list[int]]:
+        """Importance histograms per layer summed over seeds (the first strategy plugin's)."""
+        total: dict[str, np.ndarray] = {}
+        for run in self.runs:
+            per_plugin = json.loads(run["metrics"]).get("importance_histograms") or {}
+            for plugin, per_layer in per_plugin.items():
+                if plugin == "forgetting":
+                    continue
+                for layer, counts in per_layer.items():
+                    total[layer] = total.get(layer, 0) + np.asarray(counts)
+                break
+        return {layer: counts.tolist() for layer, counts in total.items()}
+
+
+def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
+    """Every configuration on the leaderboard, ranked by mean ACC within scenario and protocol."""
+    if not Path(path).is_file():
+        return []
+    con = connect(path)
+    con.row_factory = sqlite3.Row
+    try:
+        query = "SELECT * FROM runs" + (" WHERE scenario = ?" if scenario else "") + " ORDER BY id"
+        rows = [dict(r) for r in con.execute(query, (scenario,) if scenario else ())]
+    finally:
+        con.close()
+    groups: dict[tuple, Group] = {}
+    for row in rows:
+        key = (row["scenario"], row["protocol"], row["config_hash"])
+        if key not in groups:
+            groups[key] = Group(row["scenario"], row["protocol"], row["strategy"], bool(row["forgetting_layer"]),
+                                row["config_hash"])  # fmt: skip
+        groups[key].runs.append(row)
+    return sorted(groups.values(), key=lambda g: (g.scenario, g.protocol, -(g.stat("acc")[0] or 0.0)))
+
+
+HEADERS = ("scenario", "protocol", "rank", "strategy", "forgetting layer", "ACC", "BWT", "forgetting", "n", "config")
+
+
+def table_rows(groups: Sequence[Group]) -> list[list[str]]:
+    """One row per group: mean ± std of ACC, BWT and forgetting over its seeds."""
+    rows, rank, previous = [], 0, None
+    for group in groups:
+        rank = rank + 1 if (group.scenario, group.protocol) == previous else 1
+        previous = (group.scenario, group.protocol)
+        rows.append([
+            group.scenario, group.protocol, str(rank), group.strategy,
+            "on" if group.forgetting_layer else "off",
+            *(_mean_std(group.stat(key)) for key in ("acc", "bwt", "forgetting")),
+            str(len(group.runs)), group.config_hash,
+        ])  # fmt: skip
+    return rows
+
+
+def _mean_std(stat: tuple[float | None, float | None]) -> str:
+    mean, std = stat
+    return "n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def render(groups: Sequence[Group], fmt: str) -> str:
+    """The leaderboard as ``table``, ``markdown``, ``csv`` or ``html``."""
+    rows = table_rows(groups)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(HEADERS)
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    if fmt == "html":
+        return render_html(groups, rows)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *map(line, rows)]) + "\n"
+
+
+def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
+    """A self-contained report: the table, then per scenario the curves, heatmaps and histograms."""
+    from afmbench import plots
+
+    def image(fig) -> str:
+        data = base64.b64encode(plots.png_bytes(fig)).decode()
+        return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>afmbench leaderboard</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}</style>",
+        "</head><body><h1>afmbench leaderboard</h1>",
+        f"<p>{sum(len(g.runs) for g in groups)} finished runs; ACC, BWT and forgetting as mean ± std "
+        "over seeds.</p>",
+        f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>",
+    ]
+    for scenario, protocol in dict.fromkeys((g.scenario, g.protocol) for g in groups):
+        members = [g for g in groups if (g.scenario, g.protocol) == (scenario, protocol)]
+        parts.append(f"<h2>{html.escape(scenario)} ({html.escape(protocol)}-incremental)</h2>")
+        curves = {g.label: g.curve() for g in members}
+        parts.append("<h3>Average accuracy vs number of tasks</h3>")
+        parts.append(image(plots.accuracy_curves({k: v[0] for k, v in curves.items()},
+                                                 {k: v[1] for k, v in curves.items()})))  # fmt: skip
+        parts.append("<h3>Accuracy matrices (mean over seeds)</h3><div>")
+        parts += [image(plots.accuracy_heatmap(g.mean_matrix(), g.label, joint=g.strategy == "joint")) for g in members]
+        parts.append("</div>")
+        for strategy in dict.fromkeys(g.strategy for g in members):
+            pair = {g.label: g.importance() for g in members if g.strategy == strategy and g.importance()}
+            if pair:
+                parts.append(f"<h3>{html.escape(strategy)}: parameter importance with and without the "
+                             "forgetting layer</h3>")  # fmt: skip
+                parts.append(image(plots.histograms(pair, f"{strategy} importance per layer")))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:
+    """Log the leaderboard table to W&B as its own run (offline unless ``mode`` says online)."""
+    import wandb
+
+    from afmbench.loggers import wandb_mode
+
+    run = wandb.init(project=project, job_type="leaderboard", mode=wandb_mode(mode))
+    run.log({"leaderboard": wandb.Table(columns=list(HEADERS), data=table_rows(groups))})
+    run.finish()
+
+
+def leaderboard_command(args: list[str]) -> int:
+    """``afmbench leaderboard``: print (or write) the ranked table."""
+    parser = argparse.ArgumentParser(prog="afmbench leaderboard", description="Rank finished runs.")
+    parser.add_argument("--db", default=None, help=f"leaderboard file (default: $AFMBENCH_LEADERBOARD or {DEFAULT_DB})")
+    parser.add_argument("--scenario", default=None, help="only this scenario")
+    parser.add_argument("--format", choices=("table", "markdown", "csv", "html"), default="table")
+    parser.add_argument("--output", "-o", default=None, help="write to this file instead of printing")
+    parser.add_argument("--wandb", action="store_true", help="also push the table to W&B")
+    parser.add_argument("--wandb-mode", default=None, help="offline (default), online or disabled")
+    options = parser.parse_args(args)
+    db = Path(options.db) if options.db else default_db()
+    if not db.is_file():
+        print(f"afmbench: error: no leaderboard at {db}; fix: finish a run first "
+              "(`afmbench run`) or pass --db PATH", file=sys.stderr)  # fmt: skip
+        return 2
+    groups = load_groups(db, options.scenario)
+    text = render(groups, options.format)
+    if options.output:
+        Path(options.output).write_text(text)
+        print(f"wrote {options.output} ({sum(len(g.runs) for g in groups)} runs)")
+    else:
+        sys.stdout.write(text)
+    if options.wandb:
+        push_to_wandb(groups, "afmbench", options.wandb_mode)
+    return 0

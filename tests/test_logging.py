@@ -1,0 +1,93 @@
+"""W&B offline runs read back from their files, and the same figures in the run folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import afmbench
+from afmbench.loggers import make_logger, wandb_mode
+from afmbench.plugin import ContinualPlugin
+from tests.conftest import run_cli
+from tests.wandb_records import history, summary
+
+
+class KnownImportance(ContinualPlugin):
+    """Reports importance = |weight| of the first layer, so the histogram is predictable."""
+
+    name = "known"
+
+    def on_train_start(self, trainer, pl_module):
+        self.model = pl_module.model
+
+    def importance(self):
+        return {"body.1.weight": self.model.body[1].weight.detach().abs()}
+
+
+def _run_file(folder: Path) -> Path:
+    return next(folder.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    plugin = KnownImportance()
+    logger = make_logger({"name": "wandb", "mode": "offline"}, tmp_path)
+    result = afmbench.run(scenario, model, [plugin], max_epochs=2, run_dir=tmp_path, logger=logger, verbose=False)
+
+    run_file = _run_file(tmp_path)
+    media = run_file.parent / "files"
+    rows = history(run_file)
+    evals = [r for r in rows if "eval/tasks_learned" in r]
+    assert [r["eval/tasks_learned"] for r in evals] == [1, 2]
+    # the accuracy matrix as a wandb.Table: the last one holds the final matrix
+    table = json.loads((media / evals[-1]["eval/accuracy_matrix/path"]).read_text())
+    assert table["columns"] == ["after", "task_0", "task_1"]
+    assert np.allclose([row[1:] for row in table["data"]], result.accuracy_matrix)
+    # the heatmap image
+    image = Image.open(media / evals[-1]["eval/accuracy_heatmap/path"])
+    assert image.size[0] > 100 and image.size[1] > 100
+    # importance histogram: |w| / max|w| in 20 bins
+    key = "importance/known/body.1.weight"
+    expected, _ = np.histogram(scaled := (w := model.body[1].weight.detach().abs().flatten().numpy()) / w.max(), bins=20, range=(0, 1))
+    assert evals[-1][f"{key}/_type"] == "histogram"
+    assert evals[-1][f"{key}/values"] == expected.tolist() and len(scaled) == expected.sum()
+    # per-step losses and the final summary
+    assert any("train/loss" in r for r in rows)
+    final = summary(run_file)
+    assert abs(final["acc"] - result.metrics["acc"]) < 1e-9 and "bwt" in final and "train_time_s" in final
+
+
+def test_run_folder_has_the_same_figures_as_pngs(tmp_path):
+    out = run_cli("run", "logger=none", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("accuracy_matrix.png", "avg_accuracy.png"):
+        with Image.open(tmp_path / "plots" / name) as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.std() > 10, f"{name} looks blank"
+
+
+def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    import pytest
+
+    with pytest.warns(UserWarning, match="no API key.*logging offline instead"):
+        assert wandb_mode("online") == "offline"
+
+
+def test_online_without_network_falls_back_quickly(monkeypatch):
+    import time
+
+    import pytest
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://10.255.255.1:9")  # unroutable
+    started = time.time()
+    with pytest.warns(UserWarning, match="cannot reach"):
+        assert wandb_mode("online") == "offline"
+    assert time.time() - started < 10

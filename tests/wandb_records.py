@@ -1,0 +1,58 @@
+"""Read the records of an offline W&B run file (``run-<id>.wandb``) for the tests.
+
+The file is W&B's LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+blocks of chunks, each with a 7-byte header (CRC32C, little-endian length, type: 1 full,
+2 first, 3 middle, 4 last) around serialized ``wandb_internal_pb2.Record`` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def records(path: Path) -> Iterator[Any]:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:  # block trailer padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            continue
+        pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def history(path: Path) -> list[dict[str, Any]]:
+    """Every logged step as ``{key: decoded value}``."""
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def summary(path: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return found
