@@ -10,8 +10,9 @@ starts afresh.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,9 @@ def find_checkpoint(resume: bool | str | Path, run_dir: Path | None) -> Path:
 
 def run_folder_of(checkpoint: Path) -> Path:
     """The run folder a checkpoint belongs to (``<run>/checkpoints/experience_k.ckpt``)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return (
+        checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -65,12 +68,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "or start afresh without resume",
         ) from exc
     if not isinstance(ckpt, dict) or "afmbench" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not an afmbench checkpoint", "point resume= at a run folder")
+        raise CheckpointError(
+            f"{path} is not an afmbench checkpoint", "point resume= at a run folder"
+        )
     return ckpt
 
 
 def restore(
-    ckpt: dict[str, Any], path: Path, module: ContinualModule, plugins: Sequence[ContinualPlugin], config_hash: str
+    ckpt: dict[str, Any],
+    path: Path,
+    module: ContinualModule,
+    plugins: Sequence[ContinualPlugin],
+    config_hash: str,
 ) -> dict[str, Any]:
     """Load weights, plugin states and optimizer state into a fresh run; return the loop state."""
     state = ckpt["afmbench"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import itertools
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from afmbench.errors import AfmbenchError, ConfigError
 
@@ -29,7 +29,18 @@ commands:
 `afmbench run --help` lists the configuration groups and their options."""
 
 # Hydra flags that only print information; nothing is validated or run for them.
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--shell-completion", "-sc")
+INFO_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--resolve",
+    "--shell-completion",
+    "-sc",
+)
 MAX_CHECKED_COMBINATIONS = 64
 
 _failed_jobs: list[str] = []
@@ -74,7 +85,9 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
     from afmbench.runner import plan
 
     run_dirs = set()
-    for combination in itertools.islice(expand_sweeps(overrides, multirun), MAX_CHECKED_COMBINATIONS):
+    for combination in itertools.islice(
+        expand_sweeps(overrides, multirun), MAX_CHECKED_COMBINATIONS
+    ):
         try:
             cfg = load_config(combination)
         except Exception as exc:  # Hydra's composition errors, translated below
@@ -134,7 +147,11 @@ def _suggest_key(key: str) -> str:
     close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
     if close:
         return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
-    return f"to add a new key use +{key}=..." if not keys else f"valid keys: {', '.join(map(str, keys))}"
+    return (
+        f"to add a new key use +{key}=..."
+        if not keys
+        else f"valid keys: {', '.join(map(str, keys))}"
+    )
 
 
 def route_run_dir(args: list[str], multirun: bool) -> list[str]:
@@ -145,7 +162,11 @@ def route_run_dir(args: list[str], multirun: bool) -> list[str]:
     every job gets its own sub-folder.
     """
     given = [a for a in args if a.startswith("run_dir=")]
-    resumed = [a for a in args if a.startswith("resume=") and a.split("=", 1)[1].lower() not in ("true", "false")]
+    resumed = [
+        a
+        for a in args
+        if a.startswith("resume=") and a.split("=", 1)[1].lower() not in ("true", "false")
+    ]
     if not given and resumed and not multirun:
         from afmbench.checkpoint import find_checkpoint, run_folder_of
 
@@ -199,7 +220,10 @@ def leaderboard_command(args: list[str]) -> int:
     return command(args)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"run": run_command, "leaderboard": leaderboard_command}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "run": run_command,
+    "leaderboard": leaderboard_command,
+}
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import inspect
 import json
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -79,7 +80,11 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, f"optimizer.lr={self.lr} must be positive", "e.g. optimizer.lr=0.01")
         require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0", "e.g. 0.9")
-        require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0", "e.g. 0")
+        require(
+            self.weight_decay >= 0,
+            f"optimizer.weight_decay={self.weight_decay} must be >= 0",
+            "e.g. 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,11 @@ def check_params(
             continue
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"did you mean {where}.{close[0]}?" if close else f"valid keys: {', '.join(accepted)}"
+            hint = (
+                f"did you mean {where}.{close[0]}?"
+                if close
+                else f"valid keys: {', '.join(accepted)}"
+            )
             raise ConfigError(f"unknown option {where}.{key}", hint)
         default = signature.parameters[key].default
         kwargs[key] = coerce(value, hints.get(key, Any), f"{where}.{key}", default)

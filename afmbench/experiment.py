@@ -14,25 +14,32 @@ import hashlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from afmbench.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, restore, run_folder_of
+from afmbench.checkpoint import (
+    checkpoint_path,
+    find_checkpoint,
+    load_checkpoint,
+    restore,
+    run_folder_of,
+)
 from afmbench.config import OptimizerConfig
 from afmbench.errors import AfmbenchError
+from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
 from afmbench.metrics import summarize
 from afmbench.models import ContinualModel
 from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
-from afmbench.leaderboard import record_run
 from afmbench.reporting import RunReporter
 from afmbench.results import format_report, prepare_run_dir, versions, write_json, write_matrix_csv
 from afmbench.scenarios.base import Scenario
@@ -131,7 +138,11 @@ def run(
     progress = ExperienceProgressBar(steps)
 
     def make_trainer() -> Trainer:
-        kwargs = {"enable_progress_bar": verbose, "enable_model_summary": False, "log_every_n_steps": 10}
+        kwargs = {
+            "enable_progress_bar": verbose,
+            "enable_model_summary": False,
+            "log_every_n_steps": 10,
+        }
         kwargs.update(trainer_kwargs)
         bar = [progress] if kwargs["enable_progress_bar"] else []
         return Trainer(
@@ -144,12 +155,16 @@ def run(
             **kwargs,
         )
 
-    state = _RunState(record, folder, keep_checkpoints, RunReporter(folder, logger, joint), leaderboard)
+    state = _RunState(
+        record, folder, keep_checkpoints, RunReporter(folder, logger, joint), leaderboard
+    )
     with _LightningChatter(verbose) as chatter, _finishing(logger, verbose):
         trainer = make_trainer()
         chatter.quiet()
         if logger is not None:
-            logger.log_hyperparams(record.get("config") or {k: v for k, v in record.items() if k != "config"})
+            logger.log_hyperparams(
+                record.get("config") or {k: v for k, v in record.items() if k != "config"}
+            )
         if resume_from is not None:
             state.resume(load_checkpoint(resume_from), resume_from, module, plugins)
             if verbose and trainer.is_global_zero:
@@ -182,7 +197,9 @@ def run(
             state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
             if verbose and trainer.is_global_zero:
                 shown = " ".join(f"{a:.3f}" for a in row)
-                print(f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True)
+                print(
+                    f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True
+                )
         return state.finish(module, trainer, verbose)
 
 
@@ -275,11 +292,15 @@ class _RunState:
                 for old in checkpoints.glob("experience_*.ckpt"):
                     if old != path:
                         old.unlink()
-            write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
+            write_matrix_csv(
+                self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint"
+            )
             write_json(self.folder / "metrics.json", metrics)
         trainer.strategy.barrier()
 
-    def report(self, module: ContinualModule, trainer: Trainer, step: int, plugins, global_step: int) -> None:
+    def report(
+        self, module: ContinualModule, trainer: Trainer, step: int, plugins, global_step: int
+    ) -> None:
         """Experience-level results to W&B (rank 0 only; importances agree on every rank)."""
         if trainer.is_global_zero:
             matrix = module.accuracy.compute()[1 : step + 2].cpu().numpy()
@@ -297,7 +318,9 @@ class _RunState:
         if trainer.is_global_zero:
             metrics.update(self.reporter.finish(metrics, matrix))
             if self.folder is not None:
-                write_matrix_csv(self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint")
+                write_matrix_csv(
+                    self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint"
+                )
                 write_json(self.folder / "metrics.json", metrics)
             if self.leaderboard is not None:
                 record_run(self.leaderboard, metrics, self.folder)
@@ -313,14 +336,23 @@ def _finishing(logger: Logger | None, verbose: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        experiment = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        experiment = (
+            getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        )
         if experiment is not None and hasattr(experiment, "finish"):
             folder = Path(experiment.dir).parent
             offline = experiment.settings.mode == "offline"
             experiment.finish()
             if verbose:
-                how = f"upload with: wandb sync {folder}" if offline else f"online at {experiment.url}"
-                print(f"W&B run {'saved in ' + str(folder) if offline else 'synced'}; {how}", flush=True)
+                how = (
+                    f"upload with: wandb sync {folder}"
+                    if offline
+                    else f"online at {experiment.url}"
+                )
+                print(
+                    f"W&B run {'saved in ' + str(folder) if offline else 'synced'}; {how}",
+                    flush=True,
+                )
 
 
 class _LightningChatter:

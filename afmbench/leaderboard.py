@@ -20,9 +20,10 @@ import sqlite3
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -162,10 +163,23 @@ def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
             groups[key] = Group(row["scenario"], row["protocol"], row["strategy"], bool(row["forgetting_layer"]),
                                 row["config_hash"])  # fmt: skip
         groups[key].runs.append(row)
-    return sorted(groups.values(), key=lambda g: (g.scenario, g.protocol, -(g.stat("acc")[0] or 0.0)))
+    return sorted(
+        groups.values(), key=lambda g: (g.scenario, g.protocol, -(g.stat("acc")[0] or 0.0))
+    )
 
 
-HEADERS = ("scenario", "protocol", "rank", "strategy", "forgetting layer", "ACC", "BWT", "forgetting", "n", "config")
+HEADERS = (
+    "scenario",
+    "protocol",
+    "rank",
+    "strategy",
+    "forgetting layer",
+    "ACC",
+    "BWT",
+    "forgetting",
+    "n",
+    "config",
+)
 
 
 def table_rows(groups: Sequence[Group]) -> list[list[str]]:
@@ -202,7 +216,9 @@ def render(groups: Sequence[Group], fmt: str) -> str:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
     if fmt == "html":
         return render_html(groups, rows)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)
+    ]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *map(line, rows)]) + "\n"
 
@@ -216,7 +232,9 @@ def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
         return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
     header = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>afmbench leaderboard</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -234,10 +252,17 @@ def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
         parts.append(image(plots.accuracy_curves({k: v[0] for k, v in curves.items()},
                                                  {k: v[1] for k, v in curves.items()})))  # fmt: skip
         parts.append("<h3>Accuracy matrices (mean over seeds)</h3><div>")
-        parts += [image(plots.accuracy_heatmap(g.mean_matrix(), g.label, joint=g.strategy == "joint")) for g in members]
+        parts += [
+            image(plots.accuracy_heatmap(g.mean_matrix(), g.label, joint=g.strategy == "joint"))
+            for g in members
+        ]
         parts.append("</div>")
         for strategy in dict.fromkeys(g.strategy for g in members):
-            pair = {g.label: g.importance() for g in members if g.strategy == strategy and g.importance()}
+            pair = {
+                g.label: g.importance()
+                for g in members
+                if g.strategy == strategy and g.importance()
+            }
             if pair:
                 parts.append(f"<h3>{html.escape(strategy)}: parameter importance with and without the "
                              "forgetting layer</h3>")  # fmt: skip
@@ -260,10 +285,16 @@ def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:
 def leaderboard_command(args: list[str]) -> int:
     """``afmbench leaderboard``: print (or write) the ranked table."""
     parser = argparse.ArgumentParser(prog="afmbench leaderboard", description="Rank finished runs.")
-    parser.add_argument("--db", default=None, help=f"leaderboard file (default: $AFMBENCH_LEADERBOARD or {DEFAULT_DB})")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help=f"leaderboard file (default: $AFMBENCH_LEADERBOARD or {DEFAULT_DB})",
+    )
     parser.add_argument("--scenario", default=None, help="only this scenario")
     parser.add_argument("--format", choices=("table", "markdown", "csv", "html"), default="table")
-    parser.add_argument("--output", "-o", default=None, help="write to this file instead of printing")
+    parser.add_argument(
+        "--output", "-o", default=None, help="write to this file instead of printing"
+    )
     parser.add_argument("--wandb", action="store_true", help="also push the table to W&B")
     parser.add_argument("--wandb-mode", default=None, help="offline (default), online or disabled")
     options = parser.parse_args(args)

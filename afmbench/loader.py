@@ -7,7 +7,7 @@ with one index tensor instead. Lightning accepts it like any iterable loader.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist

@@ -73,12 +73,17 @@ def wandb_mode(requested: str | None) -> str:
     """``logger.mode``, else ``$WANDB_MODE``, else offline; online only when it can work."""
     mode = (requested or os.environ.get("WANDB_MODE") or "offline").lower()
     if mode not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={mode} is not a W&B mode", f"use one of {', '.join(WANDB_MODES)}")
+        raise ConfigError(
+            f"logger.mode={mode} is not a W&B mode", f"use one of {', '.join(WANDB_MODES)}"
+        )
     if mode != "online":
         return mode
     problem = _online_problem()
     if problem:
-        warnings.warn(f"W&B: {problem}; logging offline instead (upload later with `wandb sync`)", stacklevel=2)
+        warnings.warn(
+            f"W&B: {problem}; logging offline instead (upload later with `wandb sync`)",
+            stacklevel=2,
+        )
         return "offline"
     return mode
 

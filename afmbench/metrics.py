@@ -33,8 +33,12 @@ class AccuracyMatrix(Metric):
 
     def __init__(self, n_rows: int, n_tasks: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("correct", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True)
-        self.add_state("total", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True)
+        self.add_state(
+            "correct", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True
+        )
+        self.add_state(
+            "total", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True
+        )
 
     def update(self, preds: Tensor, target: Tensor, row: int, task: int) -> None:  # type: ignore[override]
         self.correct[row, task] += (preds == target).sum()
@@ -60,7 +64,9 @@ def summarize(matrix: np.ndarray, baseline: np.ndarray | None = None) -> dict[st
     n_rows, n_tasks = R.shape
     result: dict[str, Any] = {
         "acc": float(np.mean(R[-1])),
-        "avg_acc_per_task": [float(np.mean(R[min(i, n_rows - 1), : i + 1])) for i in range(n_tasks)],
+        "avg_acc_per_task": [
+            float(np.mean(R[min(i, n_rows - 1), : i + 1])) for i in range(n_tasks)
+        ],
         "bwt": None,
         "fwt": None,
         "forgetting": None,

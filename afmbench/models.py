@@ -8,7 +8,7 @@ where per-layer statistics (sparsity, neuron importance) are read.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -67,7 +67,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 def _activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ConfigError(
-            f"unknown activation '{name}'", f"set model.activation to one of {', '.join(ACTIVATIONS)}"
+            f"unknown activation '{name}'",
+            f"set model.activation to one of {', '.join(ACTIVATIONS)}",
         )
     return ACTIVATIONS[name]()
 
@@ -173,7 +174,8 @@ def vgg_small(
 def _dense_top(layers, width, hidden, activation, dropout, head_sizes) -> ContinualModel:
     if width < 1:
         raise ConfigError(
-            "the input is too small for this network's pooling stages", "use model=mlp or model=lenet"
+            "the input is too small for this network's pooling stages",
+            "use model=mlp or model=lenet",
         )
     layers = [*layers, nn.Flatten()]
     for w in hidden:
@@ -221,4 +223,3 @@ def hidden_activations(model: ContinualModel) -> list[tuple[str, int]]:
         elif isinstance(module, tuple(ACTIVATIONS.values())):
             sites.append((name, units))
     return sites
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,9 @@ class ContinualModule(LightningModule):
             self.log(f"train/penalty/{name}", term)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         x, y, t = batch
         preds = self.model(x, t).argmax(dim=1)
         self.accuracy.update(preds, y, self.eval_row, dataloader_idx)
@@ -128,13 +130,17 @@ class ContinualModule(LightningModule):
 
     def _store_penalty_grads(self, penalty: Tensor) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(penalty, [p for _, p in named], retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            penalty, [p for _, p in named], retain_graph=True, allow_unused=True
+        )
         self.penalty_grads = {n: g for (n, _), g in zip(named, grads) if g is not None}
 
 
 def make_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
     """The optimizer ``config`` names, over ``params``."""
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     kind = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
     return kind(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)

@@ -7,8 +7,8 @@ every place shows the same picture.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -21,7 +21,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 HISTOGRAM_BINS = 20
 
 
-def accuracy_heatmap(matrix: np.ndarray, title: str = "accuracy matrix", joint: bool = False) -> Figure:
+def accuracy_heatmap(
+    matrix: np.ndarray, title: str = "accuracy matrix", joint: bool = False
+) -> Figure:
     """R[i, j] as a heatmap, one annotated cell per (trained experience, test task)."""
     matrix = np.asarray(matrix, dtype=float)
     n_rows, n_tasks = matrix.shape
@@ -73,7 +75,9 @@ def histogram_counts(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[int
 
 
 def histograms(
-    series: Mapping[str, Mapping[str, Sequence[int]]], title: str, xlabel: str = "importance / layer max"
+    series: Mapping[str, Mapping[str, Sequence[int]]],
+    title: str,
+    xlabel: str = "importance / layer max",
 ) -> Figure:
     """One panel per layer; each panel overlays the labelled histograms of that layer.
 
@@ -89,12 +93,18 @@ def histograms(
             if layer in per_layer:
                 counts = np.asarray(per_layer[layer], dtype=float)
                 edges = np.linspace(0, 1, len(counts) + 1)
-                ax.stairs(counts / max(counts.sum(), 1), edges, label=label, fill=len(series) == 1, alpha=0.8)
+                ax.stairs(
+                    counts / max(counts.sum(), 1),
+                    edges,
+                    label=label,
+                    fill=len(series) == 1,
+                    alpha=0.8,
+                )
         ax.set_title(layer, fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel, fontsize=7)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     if len(series) > 1:
         axes.flat[0].legend(fontsize=7)

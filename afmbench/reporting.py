@@ -10,8 +10,9 @@ written to ``<run_dir>/plots/`` so nothing needs W&B to be seen.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,10 @@ def importance_histograms(plugins: Sequence[ContinualPlugin]) -> dict[str, dict[
     """``{plugin: {parameter: counts}}`` of every plugin's current importance."""
     found = {}
     for plugin in plugins:
-        per_layer = {name: plots.histogram_counts(scaled(value)) for name, value in plugin.importance().items()}
+        per_layer = {
+            name: plots.histogram_counts(scaled(value))
+            for name, value in plugin.importance().items()
+        }
         if per_layer:
             found[plugin.name] = per_layer
     return found
@@ -62,7 +66,12 @@ class RunReporter:
         self.gates: list[dict[str, list[int]]] = []
 
     def after_experience(
-        self, step: int, matrix: np.ndarray, curve: list[float], plugins: Sequence[ContinualPlugin], global_step: int
+        self,
+        step: int,
+        matrix: np.ndarray,
+        curve: list[float],
+        plugins: Sequence[ContinualPlugin],
+        global_step: int,
     ) -> None:
         self.importance.append(importance_histograms(plugins))
         self.gates.append(gate_histograms(plugins))
@@ -77,12 +86,18 @@ class RunReporter:
             "eval/avg_acc": curve[step] if step < len(curve) else curve[-1],
             "eval/accuracy_matrix": wandb.Table(
                 columns=["after"] + [f"task_{j}" for j in range(matrix.shape[1])],
-                data=[[label, *map(float, row)] for label, row in zip(self._labels(len(matrix)), matrix)],
+                data=[
+                    [label, *map(float, row)]
+                    for label, row in zip(self._labels(len(matrix)), matrix)
+                ],
             ),
             "eval/accuracy_heatmap": wandb.Image(plots.accuracy_heatmap(matrix, joint=self.joint)),
             "eval/avg_acc_vs_tasks": wandb.plot.line_series(
-                xs=list(range(1, len(curve) + 1)), ys=[curve], keys=["avg acc"],
-                title="average accuracy vs number of tasks", xname="tasks learned",
+                xs=list(range(1, len(curve) + 1)),
+                ys=[curve],
+                keys=["avg acc"],
+                title="average accuracy vs number of tasks",
+                xname="tasks learned",
             ),  # fmt: skip
         }
         for plugin, per_layer in self.importance[-1].items():
@@ -100,15 +115,21 @@ class RunReporter:
         extra = {"importance_histograms": self.importance[-1] if self.importance else {},
                  "gate_histograms": self.gates[-1] if self.gates else {}}  # fmt: skip
         if self.logger is not None:
-            summary = {key: metrics.get(key) for key in SUMMARY_KEYS if metrics.get(key) is not None}
+            summary = {
+                key: metrics.get(key) for key in SUMMARY_KEYS if metrics.get(key) is not None
+            }
             self.logger.experiment.summary.update(summary)
         if self.folder is not None and len(matrix):
             self.draw(self.folder / "plots", metrics, matrix, extra)
         return extra
 
-    def draw(self, where: Path, metrics: dict[str, Any], matrix: np.ndarray, extra: dict[str, Any]) -> None:
+    def draw(
+        self, where: Path, metrics: dict[str, Any], matrix: np.ndarray, extra: dict[str, Any]
+    ) -> None:
         title = f"{metrics.get('scenario')} / {metrics.get('strategy')}"
-        plots.save(plots.accuracy_heatmap(matrix, title, joint=self.joint), where / "accuracy_matrix.png")
+        plots.save(
+            plots.accuracy_heatmap(matrix, title, joint=self.joint), where / "accuracy_matrix.png"
+        )
         plots.save(plots.accuracy_curves({metrics.get("strategy", "run"): metrics["avg_acc_per_task"]}),
                    where / "avg_accuracy.png")  # fmt: skip
         for plugin, per_layer in extra["importance_histograms"].items():

@@ -78,7 +78,9 @@ def format_report(matrix: np.ndarray, metrics: dict[str, Any]) -> str:
     lines = ["Accuracy matrix R[i, j] (test accuracy on task j after training experience i)", head]
     labels = row_labels(len(matrix), metrics.get("strategy") == "joint")
     for label, row in zip(labels, matrix):
-        lines.append(f"{label.replace('experience_', 'exp '):>12s} " + " ".join(f"{v:6.3f}" for v in row))
+        lines.append(
+            f"{label.replace('experience_', 'exp '):>12s} " + " ".join(f"{v:6.3f}" for v in row)
+        )
     lines.append("")
     rows = [
         ("ACC", metrics.get("acc")),
@@ -90,7 +92,13 @@ def format_report(matrix: np.ndarray, metrics: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines.append(f"{'metric':<{width}}  value")
     for key, value in rows:
-        shown = "n/a" if value is None else f"{value:.4f}" if key != "train time (s)" else f"{value:.1f}"
+        shown = (
+            "n/a"
+            if value is None
+            else f"{value:.4f}"
+            if key != "train time (s)"
+            else f"{value:.1f}"
+        )
         lines.append(f"{key:<{width}}  {shown}")
     curve = metrics.get("avg_acc_per_task") or []
     lines.append(f"{'avg acc per task':<{width}}  " + " ".join(f"{v:.3f}" for v in curve))

@@ -73,7 +73,9 @@ def plan(cfg: DictConfig) -> Plan:
             f"resume must be true, false or a path, got {cfg.resume!r}", "e.g. resume=true")  # fmt: skip
 
     scenario_name = str(cfg.scenario.name)
-    scenario = check_params(cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name",))
+    scenario = check_params(
+        cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name",)
+    )
     with check_only():
         scenario_builder(scenario_name)(**scenario)
     model_name = str(cfg.model.name)
@@ -95,7 +97,9 @@ def plan(cfg: DictConfig) -> Plan:
     if forgetting is not None:
         plugins.append(forgetting)
 
-    optimizer = OptimizerConfig(**check_params(cfg.optimizer, OptimizerConfig, "optimizer", skip=()))
+    optimizer = OptimizerConfig(
+        **check_params(cfg.optimizer, OptimizerConfig, "optimizer", skip=())
+    )
     data = DataConfig(**check_params(cfg.data, DataConfig, "data", skip=()))
     trainer = check_params(cfg.trainer, lightning.Trainer, "trainer", skip=())
     logger = to_plain(cfg.logger)
@@ -123,7 +127,9 @@ def plan(cfg: DictConfig) -> Plan:
         logger=logger,
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
         resume=cfg.resume,
-        leaderboard=(Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db()) if cfg.leaderboard.record else None,
+        leaderboard=(Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db())
+        if cfg.leaderboard.record
+        else None,
         record=record,
     )
 
@@ -143,7 +149,9 @@ def build_forgetting(node: DictConfig) -> ContinualPlugin | None:
         return None
     from afmbench.forgetting import ForgettingLayerCallback
 
-    return ForgettingLayerCallback(**check_params(node, ForgettingLayerCallback, "forgetting", skip=("enabled",)))
+    return ForgettingLayerCallback(
+        **check_params(node, ForgettingLayerCallback, "forgetting", skip=("enabled",))
+    )
 
 
 def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> RunResult:

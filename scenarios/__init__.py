@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from afmbench.errors import ConfigError
 from afmbench.scenarios.base import PROTOCOLS, MemoryStore, Scenario, Split
@@ -34,7 +35,9 @@ def scenario_builder(name: str) -> Callable[..., Scenario]:
     return SCENARIOS[name]
 
 
-def build_scenario(name: str, root: str | None = None, cache: str | None = None, **params: Any) -> Scenario:
+def build_scenario(
+    name: str, root: str | None = None, cache: str | None = None, **params: Any
+) -> Scenario:
     """Build scenario ``name``; ``root``/``cache`` go only to builders that read files."""
     builder = scenario_builder(name)
     accepted = inspect.signature(builder).parameters

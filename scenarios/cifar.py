@@ -43,7 +43,9 @@ def split_cifar10(
     cache: str | None = None,
 ) -> Scenario:
     """CIFAR-10's classes in ``n_experiences`` groups (5 x 2 by default)."""
-    return _split("CIFAR10", "split_cifar10", n_experiences, protocol, seed, class_order, root, cache)
+    return _split(
+        "CIFAR10", "split_cifar10", n_experiences, protocol, seed, class_order, root, cache
+    )
 
 
 def split_cifar100(
@@ -55,7 +57,9 @@ def split_cifar100(
     cache: str | None = None,
 ) -> Scenario:
     """CIFAR-100's classes in ``n_experiences`` groups (10 x 10 by default; 20 x 5 also common)."""
-    return _split("CIFAR100", "split_cifar100", n_experiences, protocol, seed, class_order, root, cache)
+    return _split(
+        "CIFAR100", "split_cifar100", n_experiences, protocol, seed, class_order, root, cache
+    )
 
 
 def split_cifar110(
@@ -110,7 +114,9 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
     params = scenario_params(
         n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
     )
-    build = partial(_split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root))
+    build = partial(
+        _split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root)
+    )
     return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
 
 

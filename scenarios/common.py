@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ def check_protocol(protocol: str, allowed: Sequence[str], scenario: str) -> None
     """Reject a protocol the scenario cannot express (e.g. class-incremental Permuted MNIST)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(
-            f"unknown protocol '{protocol}'", f"set scenario.protocol to one of {', '.join(allowed)}"
+            f"unknown protocol '{protocol}'",
+            f"set scenario.protocol to one of {', '.join(allowed)}",
         )
     if protocol not in allowed:
         raise ConfigError(

@@ -65,7 +65,14 @@ def split_fashion_mnist(
 ) -> Scenario:
     """Fashion-MNIST's ten classes in ``n_experiences`` groups."""
     return _split(
-        "FashionMNIST", "split_fashion_mnist", n_experiences, protocol, seed, class_order, root, cache
+        "FashionMNIST",
+        "split_fashion_mnist",
+        n_experiences,
+        protocol,
+        seed,
+        class_order,
+        root,
+        cache,
     )
 
 
@@ -77,7 +84,14 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
         n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
     )
     build = partial(
-        _split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root), cache_root(cache)
+        _split_benchmark,
+        dataset,
+        n_experiences,
+        protocol,
+        seed,
+        order,
+        data_root(root),
+        cache_root(cache),
     )
     return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
 

@@ -41,7 +41,9 @@ def mnist_root() -> Path:
     return root
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``afmbench`` in a subprocess exactly as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "afmbench", *args],

@@ -49,7 +49,9 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-def test_archive_reader_matches_torchvision_on_the_extracted_files(cifar_root, tmp_path, monkeypatch):
+def test_archive_reader_matches_torchvision_on_the_extracted_files(
+    cifar_root, tmp_path, monkeypatch
+):
     """Two routes to the same images: our tar reader, and torchvision's CIFAR10 class."""
     import torchvision.datasets.cifar as tv_cifar
 
@@ -68,7 +70,9 @@ def test_split_cifar10_inputs_equal_torchvision_transforms(cifar_root):
     scenario = build_scenario("split_cifar10", n_experiences=5, root=str(cifar_root))
     assert scenario.head_sizes == (2,) * 5 and scenario.input_shape == (3, 32, 32)
     (raw, labels), _ = load_cifar("CIFAR10", cifar_root)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*NORMALIZATION["CIFAR10"])])
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(*NORMALIZATION["CIFAR10"])]
+    )
     x, y, t = scenario.train(1)  # classes 2 and 3
     assert set(y.tolist()) == {0, 1} and set(t.tolist()) == {1}
     chosen = raw[(labels == 2) | (labels == 3)]
@@ -78,7 +82,9 @@ def test_split_cifar10_inputs_equal_torchvision_transforms(cifar_root):
 
 
 def test_split_cifar100_in_twenty_experiences(cifar_root):
-    scenario = build_scenario("split_cifar100", n_experiences=20, protocol="class", root=str(cifar_root))
+    scenario = build_scenario(
+        "split_cifar100", n_experiences=20, protocol="class", root=str(cifar_root)
+    )
     assert scenario.head_sizes == (100,)
     assert scenario.classes[3] == (15, 16, 17, 18, 19)
     _, y, _ = scenario.test(3)
@@ -86,7 +92,9 @@ def test_split_cifar100_in_twenty_experiences(cifar_root):
 
 
 def test_split_cifar110_starts_with_all_of_cifar10(cifar_root):
-    scenario = build_scenario("split_cifar110", n_experiences=6, cifar100_classes=50, root=str(cifar_root))
+    scenario = build_scenario(
+        "split_cifar110", n_experiences=6, cifar100_classes=50, root=str(cifar_root)
+    )
     assert scenario.classes[0] == tuple(range(10))
     assert scenario.classes[1] == tuple(range(10, 20))  # CIFAR-100 classes 0..9, offset by 10
     assert scenario.head_sizes == (10,) * 6

@@ -30,7 +30,9 @@ def test_sweep_runs_every_combination(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 4
-    strategies = {json.loads((tmp_path / "sweep" / r / "metrics.json").read_text())["strategy"] for r in runs}
+    strategies = {
+        json.loads((tmp_path / "sweep" / r / "metrics.json").read_text())["strategy"] for r in runs
+    }
     assert strategies == {"naive", "joint"}
 
 
@@ -40,9 +42,15 @@ def test_sweep_runs_every_combination(tmp_path):
         (["scenario=imagenet"], "unknown scenario 'imagenet'; fix: use one of "),
         (["strategy=magic"], "unknown strategy 'magic'; fix: use one of "),
         (["model=transformer"], "unknown model 'transformer'; fix: use one of "),
-        (["trainer.max_epochs=abc"], "trainer.max_epochs must be a whole number or null, got 'abc'"),
+        (
+            ["trainer.max_epochs=abc"],
+            "trainer.max_epochs must be a whole number or null, got 'abc'",
+        ),
         (["optimizer.lr=fast"], "optimizer.lr must be a number, got 'fast'"),
-        (["trainer.max_epoch=1"], "unknown option trainer.max_epoch; fix: did you mean trainer.max_epochs?"),
+        (
+            ["trainer.max_epoch=1"],
+            "unknown option trainer.max_epoch; fix: did you mean trainer.max_epochs?",
+        ),
         (["scenario.n_experiences=3"], "scenario.n_experiences=3 does not divide the 10 classes"),
         (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be positive"),
         (["-m", "seed=0,x"], "seed must be a non-negative whole number, got 'x'"),
@@ -62,7 +70,8 @@ def test_bad_input_through_the_real_command(tmp_path):
     out = run_cli("run", "strategy=magic", f"run_dir={tmp_path / 'bad'}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "afmbench: error: unknown strategy 'magic'; fix: use one of " + ", ".join(sorted(STRATEGIES))
+        "afmbench: error: unknown strategy 'magic'; fix: use one of "
+        + ", ".join(sorted(STRATEGIES))
     ]
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 from omegaconf import OmegaConf
 
-from afmbench.config import OptimizerConfig, check_params, config_hash, config_dir, load_config
+from afmbench.config import OptimizerConfig, check_params, config_dir, config_hash, load_config
 from afmbench.errors import ConfigError
 from afmbench.models import MODELS
 from afmbench.runner import plan
@@ -15,12 +15,21 @@ from afmbench.scenarios import SCENARIOS
 from afmbench.strategies import STRATEGIES
 
 
-def target(a: int = 1, b: float = 0.5, mode: Literal["x", "y"] = "x", sizes: tuple[int, ...] = (1,), flag: bool = False, maybe: int | None = None):  # noqa: E501
+def target(
+    a: int = 1,
+    b: float = 0.5,
+    mode: Literal["x", "y"] = "x",
+    sizes: tuple[int, ...] = (1,),
+    flag: bool = False,
+    maybe: int | None = None,
+):  # noqa: E501
     return None
 
 
 def test_values_are_checked_and_converted():
-    kwargs = check_params({"a": 3, "b": 2, "mode": "y", "sizes": [4, 5], "flag": True, "maybe": None}, target, "t")
+    kwargs = check_params(
+        {"a": 3, "b": 2, "mode": "y", "sizes": [4, 5], "flag": True, "maybe": None}, target, "t"
+    )
     assert kwargs == {"a": 3, "b": 2.0, "mode": "y", "sizes": (4, 5), "flag": True, "maybe": None}
     assert isinstance(kwargs["b"], float)
 
@@ -52,7 +61,10 @@ def test_lightning_trainer_arguments_are_typed_from_its_signature():
 
     with pytest.raises(ConfigError, match="trainer.max_epochs must be a whole number or null"):
         check_params({"max_epochs": "many"}, lightning.Trainer, "trainer")
-    assert check_params({"devices": 2, "strategy": "ddp"}, lightning.Trainer, "trainer") == {"devices": 2, "strategy": "ddp"}
+    assert check_params({"devices": 2, "strategy": "ddp"}, lightning.Trainer, "trainer") == {
+        "devices": 2,
+        "strategy": "ddp",
+    }
 
 
 def test_optimizer_values_are_range_checked():
@@ -62,7 +74,9 @@ def test_optimizer_values_are_range_checked():
 
 def test_config_hash_ignores_seed_paths_and_logging_but_not_hyperparameters():
     base = load_config()
-    assert config_hash(load_config(["seed=5", "run_dir=/tmp/x", "trainer.enable_progress_bar=false"])) == config_hash(base)
+    assert config_hash(
+        load_config(["seed=5", "run_dir=/tmp/x", "trainer.enable_progress_bar=false"])
+    ) == config_hash(base)
     assert config_hash(load_config(["optimizer.lr=0.1"])) != config_hash(base)
     assert config_hash(load_config(["data.batch_size=8"])) != config_hash(base)
 
@@ -75,11 +89,18 @@ def test_default_configuration_plans_cleanly():
 def _yaml_defaults(group: str):
     for path in sorted(Path(config_dir(), group).glob("*.yaml")):
         node = OmegaConf.load(path)
-        yield path.stem, {k: v for k, v in OmegaConf.to_container(node).items() if not str(v).startswith("${")}
+        yield (
+            path.stem,
+            {k: v for k, v in OmegaConf.to_container(node).items() if not str(v).startswith("${")},
+        )
 
 
 def _signature_defaults(fn):
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    return {
+        k: p.default
+        for k, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _assert_agree(values, fn, where):
@@ -89,7 +110,9 @@ def _assert_agree(values, fn, where):
             continue
         expected = defaults[key]
         expected = list(expected) if isinstance(expected, tuple) else expected
-        assert value == expected, f"{where}: YAML says {key}={value!r}, Python default is {expected!r}"
+        assert value == expected, (
+            f"{where}: YAML says {key}={value!r}, Python default is {expected!r}"
+        )
 
 
 @pytest.mark.parametrize("group, registry", [("scenario", SCENARIOS), ("model", MODELS)])
@@ -97,7 +120,9 @@ def test_yaml_defaults_equal_python_defaults(group, registry):
     for stem, values in _yaml_defaults(group):
         assert values["name"] == stem, f"configs/{group}/{stem}.yaml must be named after its name"
         if group == "model" and stem == "mlp":
-            values = {k: v for k, v in values.items() if k != "hidden"}  # the CLI default is a small net
+            values = {
+                k: v for k, v in values.items() if k != "hidden"
+            }  # the CLI default is a small net
         _assert_agree(values, registry[values["name"]], f"configs/{group}/{stem}.yaml")
 
 

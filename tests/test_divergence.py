@@ -24,8 +24,17 @@ def test_nan_penalty_stops_the_run_and_keeps_earlier_results(tmp_path):
     scenario = afmbench.build_scenario("split_digits", n_experiences=5)
     afmbench.seed_everything(0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
-    with pytest.raises(DivergenceError, match=r"loss became nan in experience 1 \(epoch 0, step 0\)"):
-        afmbench.run(scenario, model, [NanInSecondExperience()], max_epochs=1, run_dir=tmp_path, verbose=False)
+    with pytest.raises(
+        DivergenceError, match=r"loss became nan in experience 1 \(epoch 0, step 0\)"
+    ):
+        afmbench.run(
+            scenario,
+            model,
+            [NanInSecondExperience()],
+            max_epochs=1,
+            run_dir=tmp_path,
+            verbose=False,
+        )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "loss became nan" in metrics["error"]
     assert metrics["experiences_done"] == 1 and len(metrics["accuracy_matrix"]) == 1

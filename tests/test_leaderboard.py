@@ -16,7 +16,9 @@ from afmbench.leaderboard import leaderboard_command, load_groups, record_run, r
 from tests.conftest import REPO
 
 
-def _metrics(strategy, seed, acc, bwt, forgetting, config_hash, layer=False, scenario="split_digits"):
+def _metrics(
+    strategy, seed, acc, bwt, forgetting, config_hash, layer=False, scenario="split_digits"
+):
     matrix = [[acc + 0.1, 0.5], [acc - 0.05, acc + 0.05]]
     return {
         "status": "finished", "scenario": scenario, "protocol": "task", "strategy": strategy,
@@ -37,14 +39,22 @@ def db(tmp_path):
         ("naive", 1, 0.70, -0.30, 0.31, "h-naive"),
     ]  # fmt: skip
     for i, (strategy, seed, acc, bwt, forgetting, config_hash) in enumerate(rows):
-        record_run(path, _metrics(strategy, seed, acc, bwt, forgetting, config_hash), tmp_path / f"run{i}")
-    record_run(path, _metrics("ewc", 0, 0.95, -0.02, 0.03, "h-ewc-f", layer=True), tmp_path / "run-f")
+        record_run(
+            path, _metrics(strategy, seed, acc, bwt, forgetting, config_hash), tmp_path / f"run{i}"
+        )
+    record_run(
+        path, _metrics("ewc", 0, 0.95, -0.02, 0.03, "h-ewc-f", layer=True), tmp_path / "run-f"
+    )
     return path
 
 
 def test_groups_are_ranked_by_mean_acc_with_sample_std(db):
     groups = load_groups(db)
-    assert [(g.strategy, g.forgetting_layer) for g in groups] == [("ewc", True), ("ewc", False), ("naive", False)]
+    assert [(g.strategy, g.forgetting_layer) for g in groups] == [
+        ("ewc", True),
+        ("ewc", False),
+        ("naive", False),
+    ]
     ewc = groups[1]
     mean, std = ewc.stat("acc")
     assert mean == pytest.approx((0.90 + 0.80 + 0.85) / 3)
@@ -60,21 +70,35 @@ def test_renderings_carry_the_same_numbers(db):
     text = render(load_groups(db), "table")
     assert "0.8500 ± 0.0500" in text and "0.6500 ± 0.0707" in text
     markdown = render(load_groups(db), "markdown").splitlines()
-    assert markdown[0].startswith("| scenario | protocol | rank | strategy") and len(markdown) == 2 + 3
+    assert (
+        markdown[0].startswith("| scenario | protocol | rank | strategy") and len(markdown) == 2 + 3
+    )
     rows = [line.split(",") for line in render(load_groups(db), "csv").splitlines()[1:]]
-    assert [(r[2], r[3], r[4], r[8]) for r in rows] == [("1", "ewc", "on", "1"), ("2", "ewc", "off", "3"), ("3", "naive", "off", "2")]
+    assert [(r[2], r[3], r[4], r[8]) for r in rows] == [
+        ("1", "ewc", "on", "1"),
+        ("2", "ewc", "off", "3"),
+        ("3", "naive", "off", "2"),
+    ]
 
 
 def test_scenario_filter(db, tmp_path):
-    record_run(db, _metrics("naive", 0, 0.5, -0.1, 0.1, "other", scenario="permuted_mnist"), tmp_path / "pm")
+    record_run(
+        db,
+        _metrics("naive", 0, 0.5, -0.1, 0.1, "other", scenario="permuted_mnist"),
+        tmp_path / "pm",
+    )
     assert {g.scenario for g in load_groups(db)} == {"split_digits", "permuted_mnist"}
     assert {g.scenario for g in load_groups(db, "permuted_mnist")} == {"permuted_mnist"}
 
 
 def test_unfinished_runs_are_refused_and_a_resumed_run_replaces_its_row(db, tmp_path):
     with pytest.raises(ValueError):
-        record_run(db, {**_metrics("ewc", 9, 0.1, 0, 0, "x"), "status": "failed"}, tmp_path / "failed")
-    record_run(db, _metrics("naive", 1, 0.75, -0.3, 0.3, "h-naive"), tmp_path / "run4")  # same folder as before
+        record_run(
+            db, {**_metrics("ewc", 9, 0.1, 0, 0, "x"), "status": "failed"}, tmp_path / "failed"
+        )
+    record_run(
+        db, _metrics("naive", 1, 0.75, -0.3, 0.3, "h-naive"), tmp_path / "run4"
+    )  # same folder as before
     assert load_groups(db)[2].stat("acc")[0] == pytest.approx(0.675)
 
 
@@ -108,7 +132,11 @@ def test_a_killed_run_leaves_no_row(tmp_path):
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
-    while not (tmp_path / "run" / "metrics.json").exists() and time.time() < deadline and proc.poll() is None:
+    while (
+        not (tmp_path / "run" / "metrics.json").exists()
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -143,5 +171,7 @@ def test_html_report_embeds_the_figures(db, tmp_path):
     )  # fmt: skip
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
     assert pixels.std() > 20, "the screenshot is blank"
-    colourful = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # plots, not just black text on white
+    colourful = (
+        pixels.max(axis=2) - pixels.min(axis=2)
+    ) > 60  # plots, not just black text on white
     assert colourful.mean() > 0.01

@@ -24,7 +24,9 @@ def test_each_epoch_visits_every_sample_once_in_a_new_order():
 
 def test_same_seed_same_order():
     x = torch.arange(50)
-    assert _rows(TensorLoader((x, x), 7, shuffle=True, seed=1)) == _rows(TensorLoader((x, x), 7, shuffle=True, seed=1))
+    assert _rows(TensorLoader((x, x), 7, shuffle=True, seed=1)) == _rows(
+        TensorLoader((x, x), 7, shuffle=True, seed=1)
+    )
 
 
 def test_unshuffled_loader_keeps_order():

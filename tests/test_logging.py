@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import afmbench
@@ -36,7 +35,9 @@ def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
     plugin = KnownImportance()
     logger = make_logger({"name": "wandb", "mode": "offline"}, tmp_path)
-    result = afmbench.run(scenario, model, [plugin], max_epochs=2, run_dir=tmp_path, logger=logger, verbose=False)
+    result = afmbench.run(
+        scenario, model, [plugin], max_epochs=2, run_dir=tmp_path, logger=logger, verbose=False
+    )
 
     run_file = _run_file(tmp_path)
     media = run_file.parent / "files"
@@ -52,13 +53,21 @@ def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
     assert image.size[0] > 100 and image.size[1] > 100
     # importance histogram: |w| / max|w| in 20 bins
     key = "importance/known/body.1.weight"
-    expected, _ = np.histogram(scaled := (w := model.body[1].weight.detach().abs().flatten().numpy()) / w.max(), bins=20, range=(0, 1))
+    expected, _ = np.histogram(
+        scaled := (w := model.body[1].weight.detach().abs().flatten().numpy()) / w.max(),
+        bins=20,
+        range=(0, 1),
+    )
     assert evals[-1][f"{key}/_type"] == "histogram"
     assert evals[-1][f"{key}/values"] == expected.tolist() and len(scaled) == expected.sum()
     # per-step losses and the final summary
     assert any("train/loss" in r for r in rows)
     final = summary(run_file)
-    assert abs(final["acc"] - result.metrics["acc"]) < 1e-9 and "bwt" in final and "train_time_s" in final
+    assert (
+        abs(final["acc"] - result.metrics["acc"]) < 1e-9
+        and "bwt" in final
+        and "train_time_s" in final
+    )
 
 
 def test_run_folder_has_the_same_figures_as_pngs(tmp_path):

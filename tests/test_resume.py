@@ -66,9 +66,9 @@ def test_truncated_checkpoint_is_one_clear_error(tmp_path):
         _tiny_run(tmp_path / "run", resume=True)
     out = run_cli("run", "scenario.n_experiences=2", f"run_dir={tmp_path / 'run'}", "resume=true")
     assert out.returncode == 2
-    assert [line for line in out.stderr.splitlines() if line.startswith("afmbench: error:")][0].count(
-        "truncated or corrupt"
-    ) == 1
+    assert [line for line in out.stderr.splitlines() if line.startswith("afmbench: error:")][
+        0
+    ].count("truncated or corrupt") == 1
 
 
 def test_resume_without_checkpoints_never_starts_afresh(tmp_path):

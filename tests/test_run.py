@@ -61,13 +61,21 @@ def test_checkpoints_carry_model_and_accuracy_matrix(tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").glob("experience_*.ckpt"))) == 5
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_4.ckpt", weights_only=False)
     restored = afmbench.AccuracyMatrix(6, 5)
-    restored.load_state_dict({k[len("accuracy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("accuracy.")})
+    restored.load_state_dict(
+        {
+            k[len("accuracy.") :]: v
+            for k, v in ckpt["state_dict"].items()
+            if k.startswith("accuracy.")
+        }
+    )
     assert np.allclose(restored.compute()[1:].numpy(), result.accuracy_matrix)
     assert any(k.startswith("model.body.") for k in ckpt["state_dict"])
 
 
 def test_optimizer_state_carries_over_when_not_reset():
-    carried = _digits_run(optimizer=OptimizerConfig(lr=0.05, momentum=0.9, reset_between_experiences=False))
+    carried = _digits_run(
+        optimizer=OptimizerConfig(lr=0.05, momentum=0.9, reset_between_experiences=False)
+    )
     reset = _digits_run()
     assert not np.array_equal(carried.accuracy_matrix, reset.accuracy_matrix)
 

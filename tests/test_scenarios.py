@@ -45,7 +45,9 @@ def test_shuffled_class_order_follows_the_seed():
 
 
 def test_explicit_class_order():
-    scenario = build_scenario("split_digits", n_experiences=2, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    scenario = build_scenario(
+        "split_digits", n_experiences=2, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    )
     assert scenario.classes == ((5, 6, 7, 8, 9), (0, 1, 2, 3, 4))
 
 
@@ -152,7 +154,9 @@ def test_permuted_mnist_tensors_equal_avalanche(mnist_root, session_cache):
 def test_split_mnist_tensors_equal_avalanche(mnist_root, session_cache):
     from avalanche.benchmarks.classic import SplitMNIST
 
-    ours = build_scenario("split_mnist", n_experiences=5, protocol="task", seed=0, root=str(mnist_root))
+    ours = build_scenario(
+        "split_mnist", n_experiences=5, protocol="task", seed=0, root=str(mnist_root)
+    )
     theirs = SplitMNIST(
         5, seed=0, return_task_id=True, fixed_class_order=list(range(10)),
         class_ids_from_zero_in_each_exp=True,
@@ -167,6 +171,11 @@ def test_read_only_data_root_with_archives_only_works(mnist_root, tmp_path):
     root = prepare_mnist_like("MNIST", mnist_root, tmp_path)
     extracted = sorted(p.name for p in (root / "MNIST" / "raw").iterdir())
     assert extracted == sorted(
-        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+        [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
     )
     assert (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 10008

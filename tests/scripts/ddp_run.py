@@ -13,7 +13,12 @@ import torch
 import afmbench
 from afmbench.strategies import STRATEGIES
 
-out, devices, batch_size, strategy = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+out, devices, batch_size, strategy = (
+    Path(sys.argv[1]),
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    sys.argv[4],
+)
 with_forgetting = len(sys.argv) > 5 and sys.argv[5] == "forgetting"
 
 scenario = afmbench.build_scenario("permuted_digits", n_experiences=3, seed=0)
@@ -38,7 +43,9 @@ out.mkdir(parents=True, exist_ok=True)
 torch.save(
     {
         "params": {k: v.detach().cpu() for k, v in result.module.model.state_dict().items()},
-        "importance": {p.name: {k: v.detach().cpu() for k, v in p.importance().items()} for p in plugins},
+        "importance": {
+            p.name: {k: v.detach().cpu() for k, v in p.importance().items()} for p in plugins
+        },
         "matrix": result.accuracy_matrix,
         "acc": result.metrics["acc"],
     },
