@@ -9,15 +9,28 @@ import torch
 from tests.conftest import REPO
 
 SCRIPT = REPO / "tests" / "scripts" / "ddp_run.py"
+CONFIGS = ["naive", "ewc", "si", "mas", "anpyc", "ewc+fl"]
 
 
-def _run(out, devices, batch_size, strategy, *extra):
+def _launch(out, devices, batch_size):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices), str(batch_size), strategy, *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(SCRIPT), str(out), str(devices), str(batch_size), *CONFIGS],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every configuration once with two processes (batch 16 each) and once alone (batch 32)."""
+    root = tmp_path_factory.mktemp("ddp")
+    _launch(root / "ddp", 2, 16)
+    _launch(root / "single", 1, 32)
+    return root
+
+
+def _load(root, config, rank):
+    return torch.load(root / config / f"rank{rank}.pt", weights_only=False)
 
 
 def _assert_identical(a, b):
@@ -27,12 +40,14 @@ def _assert_identical(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, extra", [("naive", ())])
-def test_two_processes_agree_and_match_one_process(tmp_path, strategy, extra):
-    ranks = _run(tmp_path / "ddp", 2, 16, strategy, *extra)
-    _assert_identical(ranks[0]["params"], ranks[1]["params"])
-    for name in ranks[0]["importance"]:
-        _assert_identical(ranks[0]["importance"][name], ranks[1]["importance"][name])
-    assert (ranks[0]["matrix"] == ranks[1]["matrix"]).all()
-    single = _run(tmp_path / "single", 1, 32, strategy, *extra)[0]  # same global batch size
-    assert abs(single["acc"] - ranks[0]["acc"]) < 0.05, (single["acc"], ranks[0]["acc"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_two_processes_agree_and_match_one_process(runs, config):
+    rank0, rank1 = _load(runs / "ddp", config, 0), _load(runs / "ddp", config, 1)
+    _assert_identical(rank0["params"], rank1["params"])
+    assert rank0["importance"].keys() == rank1["importance"].keys()
+    for name in rank0["importance"]:
+        assert rank0["importance"][name], f"{name} reported no importance"
+        _assert_identical(rank0["importance"][name], rank1["importance"][name])
+    assert (rank0["matrix"] == rank1["matrix"]).all()
+    single = _load(runs / "single", config, 0)  # same global batch size
+    assert abs(single["acc"] - rank0["acc"]) < 0.05, (single["acc"], rank0["acc"])
