@@ -33,7 +33,7 @@ from afmbench.checkpoint import (
     run_folder_of,
 )
 from afmbench.config import OptimizerConfig
-from afmbench.errors import AfmbenchError
+from afmbench.errors import AfmbenchError, ConfigError
 from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
 from afmbench.metrics import summarize
@@ -121,6 +121,13 @@ def run(
     is added to the SQLite ``leaderboard`` file when one is given.
     """
     plugins = list(plugins)
+    names = [p.name for p in plugins]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"two plugins share the name '{max(names, key=names.count)}' (penalties, logs and "
+            "checkpoints are keyed by name)",
+            "stack different strategies, or subclass one and give it its own `name`",
+        )
     for plugin in plugins:
         plugin.prepare(model)
     steps = 1 if joint else scenario.n_experiences

@@ -39,6 +39,7 @@ class ContinualModule(LightningModule):
         self.model = model
         self.optimizer_config = optimizer or OptimizerConfig()
         self.accuracy = AccuracyMatrix(n_rows, n_tasks)
+        self.n_experiences = n_rows - 1  # experiences this run trains (1 for joint)
         self.experience = -1
         self.task_id: int | None = 0
         self.train_split: Split | None = None
@@ -88,7 +89,9 @@ class ContinualModule(LightningModule):
         if self.trainer.world_size > 1 and self.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices)))
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(total, task loss, penalty per plugin name)`` of one batch: what training minimizes
+        (plugins that train outside Lightning's loop, such as ANPyC's retraining, use it too)."""
         x, y, t = batch
         task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
         terms = {}
@@ -96,13 +99,17 @@ class ContinualModule(LightningModule):
             term = plugin.penalty(self)
             if term is not None:
                 terms[plugin.name] = term
-        loss = task_loss + sum(terms.values()) if terms else task_loss
+        return (task_loss + sum(terms.values()) if terms else task_loss), task_loss, terms
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, task_loss, terms = self.loss(batch)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"loss became {loss.item()} in experience {self.experience} "
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )
+        self.penalty_grads = {}
         if terms and any(p.needs_penalty_grads for p in self.plugins()):
             self._store_penalty_grads(sum(terms.values()))
         self.log("train/loss", loss, prog_bar=True)

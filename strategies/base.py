@@ -1,0 +1,202 @@
+"""What EWC, SI, MAS and ANPyC share: a quadratic pull towards anchors, and importance passes.
+
+Every strategy here penalizes ``strength · Σ_terms Σ_k Ω_k (θ_k − θ*_k)²``; they differ only in
+how Ω is estimated and how terms combine across experiences. Nothing is tied to a parameter
+list fixed at construction: state is keyed by ``model.named_parameters()`` names and taken
+when an experience ends, so modules another plugin adds to the model (the forgetting layer's
+gates, inserted before training) are consolidated like any other parameter.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from afmbench.config import require
+from afmbench.plugin import ContinualPlugin
+
+if TYPE_CHECKING:
+    from afmbench.models import ContinualModel
+    from afmbench.module import ContinualModule
+
+Stats = Callable[[Tensor, Tensor, int], dict[str, Tensor]]
+"""``stats(x, y, task)``: per-parameter sums over one batch of a single task."""
+
+#: Batch size of importance passes where it does not change the result (it only trades
+#: memory for speed).
+PASS_BATCH_SIZE = 256
+
+
+@dataclass
+class Term:
+    """One quadratic term: importance Ω and anchor θ* per parameter name."""
+
+    importance: dict[str, Tensor]
+    anchor: dict[str, Tensor]
+
+
+class QuadraticPenalty(ContinualPlugin):
+    """Base plugin: penalty ``strength · Σ_terms Σ_k Ω_k (θ_k − θ*_k)²``.
+
+    Subclasses set :attr:`strength` and fill :attr:`terms` when an experience ends.
+    """
+
+    strength: float = 1.0
+    #: Names of further per-parameter tables (dicts of tensors) that a subclass keeps and
+    #: that checkpoints must carry.
+    tables: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.terms: list[Term] = []
+
+    def __repr__(self) -> str:
+        """``EWC(lambda_=100.0, ...)``: the run's identity hashes it, so no object address."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
+    def penalty(self, module: ContinualModule) -> Tensor | None:
+        if not self.terms:
+            return None
+        params = named_parameters(module.model)
+        total = 0.0
+        for term in self.terms_on(module.device):
+            for name, omega in term.importance.items():
+                theta = _param(params, name, self.name)
+                total = total + (omega * (theta - term.anchor[name]).square()).sum()
+        return self.strength * total
+
+    def importance(self) -> dict[str, Tensor]:
+        summed: dict[str, Tensor] = {}
+        for term in self.terms:
+            for name, omega in term.importance.items():
+                summed[name] = summed[name] + omega if name in summed else omega
+        return summed
+
+    def fold(
+        self,
+        module: ContinualModule,
+        new: dict[str, Tensor],
+        combine: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        """Keep a single term: Ω = ``combine(Ω_old, new)`` per name, θ* = the current parameters."""
+        old = self.terms_on(module.device)[0].importance if self.terms else {}
+        omega = {n: combine(old[n], value) if n in old else value for n, value in new.items()}
+        self.terms = [Term(omega, snapshot(module.model))]
+
+    def terms_on(self, device: torch.device) -> list[Term]:
+        """:attr:`terms`, moved to ``device`` once (restored state arrives on the CPU)."""
+        for term in self.terms:
+            for table in (term.importance, term.anchor):
+                for name, value in table.items():
+                    if value.device != device:
+                        table[name] = value.to(device)
+        return self.terms
+
+    def state_dict(self) -> dict[str, Any]:
+        terms = [{"importance": cpu(t.importance), "anchor": cpu(t.anchor)} for t in self.terms]
+        return {"terms": terms, **{name: cpu(getattr(self, name)) for name in self.tables}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Tensors stay on the CPU until first used (:meth:`terms_on`, the hooks)."""
+        self.terms = [Term(dict(t["importance"]), dict(t["anchor"])) for t in state_dict["terms"]]
+        for name in self.tables:
+            setattr(self, name, dict(state_dict[name]))
+
+
+def check(valid: bool, key: str, value: Any, rule: str, example: Any) -> None:
+    """One :class:`ConfigError` for a bad constructor value, naming the key and an example."""
+    require(valid, f"strategy.{key}={value} {rule}", f"e.g. strategy.{key}={example}")
+
+
+def named_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The model's trainable parameters by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A detached copy of every trainable parameter (an anchor θ*)."""
+    return {n: p.detach().clone() for n, p in named_parameters(model).items()}
+
+
+def cpu(table: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.detach().cpu() for n, t in table.items()}
+
+
+def _param(params: dict[str, Tensor], name: str, plugin: str) -> Tensor:
+    if name not in params:
+        raise RuntimeError(
+            f"{plugin}: parameter '{name}' was consolidated but is no longer in the model; "
+            "change the model only before the first experience"
+        )
+    return params[name]
+
+
+def head_width(model: ContinualModel, task: int) -> int:
+    """Number of classes of ``task``'s own head."""
+    return model.head.heads[task].out_features
+
+
+def task_logits(model: ContinualModel, x: Tensor, task: int) -> Tensor:
+    """Logits of ``task``'s head only: ``MultiHead`` pads smaller heads with ``-inf``."""
+    return model(x, task)[:, : head_width(model, task)]
+
+
+@contextmanager
+def switched(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train or eval mode for a while, then every submodule back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def data_mean(
+    module: ContinualModule,
+    stats: Stats,
+    max_samples: int | None = None,
+    batch_size: int = PASS_BATCH_SIZE,
+    per: Literal["sample", "batch"] = "sample",
+) -> dict[str, Tensor]:
+    """Mean of ``stats`` over the experience's training data, all ranks together.
+
+    ``stats`` returns sums over its batch; they are added over this rank's batches, summed
+    across ranks in one all-reduce and divided by the global number of samples (``per=
+    "sample"``) or of batches (``"batch"``). Runs in eval mode (no dropout noise; batch norm
+    neither uses nor updates batch statistics, so samples stay independent). A batch that
+    mixes tasks is split by task, so ``stats`` always sees a single head.
+    """
+    params = named_parameters(module.model)
+    totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    with switched(module.model, training=False), torch.enable_grad():
+        for x, y, t in module.batches(max_samples, batch_size):
+            for xs, ys, task in _single_task(x, y, t, module.task_id):
+                for name, value in stats(xs, ys, task).items():
+                    totals[name] += value
+                count += len(xs) if per == "sample" else 1
+    counted = torch.tensor([float(count)], device=module.device)
+    flat = torch.cat([*(v.flatten() for v in totals.values()), counted])
+    flat = module.all_reduce_sum(flat)
+    scale = 1.0 / flat[-1].clamp(min=1.0)
+    sizes = [v.numel() for v in totals.values()]
+    return {
+        n: chunk.view_as(v) * scale for (n, v), chunk in zip(totals.items(), flat[:-1].split(sizes))
+    }
+
+
+def _single_task(x: Tensor, y: Tensor, t: Tensor, task_id: int | None):
+    if task_id is not None:
+        yield x, y, task_id
+        return
+    for task in t.unique().tolist():
+        rows = t == task
+        yield x[rows], y[rows], int(task)

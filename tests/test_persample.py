@@ -1,0 +1,115 @@
+"""The per-sample gradient engine against a plain loop of one autograd call per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from afmbench.models import lenet, mlp
+from afmbench.persample import per_sample_grad_sums
+
+
+class Gate(nn.Module):
+    """A per-unit learnable gate, shaped like the forgetting layer's: not a Linear."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(units))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + h * torch.sigmoid(h * self.weight)
+
+
+def nll(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample negative log-likelihood of head 1's three real classes, as a column."""
+    return -F.log_softmax(model(x, 1)[:, :3], dim=1).gather(1, y[:, None])
+
+
+def all_classes(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Several columns per sample: each is differentiated on its own."""
+    return F.log_softmax(model(x, 1)[:, :3], dim=1)
+
+
+def hand_loop(model: nn.Module, terms, x: Tensor, y: Tensor, phi) -> dict[str, Tensor]:
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(x)):
+        row = terms(model, x[i : i + 1], y[i : i + 1])[0]
+        for value in row:
+            grads = torch.autograd.grad(
+                value, list(params.values()), retain_graph=True, allow_unused=True
+            )
+            for n, g in zip(params, grads):
+                if g is not None:
+                    sums[n] += phi(g)
+    return sums
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.fixture
+def data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(11, 1, 6, 6, generator=g), torch.randint(0, 3, (11,), generator=g)
+
+
+def small_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return mlp((1, 6, 6), (2, 4), hidden=(7, 5)).eval()  # head 1 has 4 outputs; 3 are used
+
+
+@pytest.mark.parametrize("reduction", ["square", "abs"])
+@pytest.mark.parametrize("terms", [nll, all_classes])
+def test_linear_fast_path_and_vmap_path_equal_the_hand_loop(data, reduction, terms) -> None:
+    model, phi = small_mlp(), {"square": torch.square, "abs": torch.abs}[reduction]
+    expected = hand_loop(model, terms, *data, phi)
+    assert_same(per_sample_grad_sums(model, terms, data, reduction, method="linear"), expected)
+    assert_same(
+        per_sample_grad_sums(model, terms, data, reduction, method="vmap", chunk_size=4), expected
+    )
+    # the unused head (0) gets zeros from both paths, not a missing entry
+    assert expected["head.heads.0.weight"].abs().sum() == 0
+
+
+def test_conv_model_uses_vmap_where_needed_and_matches_the_hand_loop(data) -> None:
+    torch.manual_seed(1)
+    model = lenet((1, 6, 6), (2, 3), channels=(2, 3), hidden=(5,)).eval()
+    expected = hand_loop(model, nll, *data, torch.square)
+    assert_same(per_sample_grad_sums(model, nll, data, method="vmap"), expected)
+    assert_same(per_sample_grad_sums(model, nll, data, method="auto", chunk_size=3), expected)
+    with pytest.raises(ValueError, match="body.0.weight"):
+        per_sample_grad_sums(model, nll, data, method="linear")
+
+
+def test_gate_weights_inside_an_mlp_take_the_general_path(data) -> None:
+    model = small_mlp()
+    model.body.insert(3, Gate(7))  # after the first hidden activation, as the forgetting layer
+    expected = hand_loop(model, nll, *data, torch.square)
+    sums = per_sample_grad_sums(model, nll, data)
+    assert_same(sums, expected)
+    assert expected["body.3.weight"].abs().sum() > 0
+    # constants: a penalty built from them must not reach back into this pass's graph
+    assert not any(s.requires_grad for s in sums.values())
+
+
+def test_a_linear_called_twice_is_not_given_the_fast_path(data) -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flat = nn.Flatten()
+            self.shared = nn.Linear(36, 36)
+            self.out = nn.Linear(36, 3)
+
+        def forward(self, x: Tensor, task: int) -> Tensor:
+            return self.out(torch.tanh(self.shared(torch.tanh(self.shared(self.flat(x))))))
+
+    torch.manual_seed(2)
+    model = Twice()
+    expected = hand_loop(model, nll, *data, torch.square)
+    assert_same(per_sample_grad_sums(model, nll, data), expected)

@@ -1,0 +1,118 @@
+"""The strategies inside real runs: Lightning hooks, composition, and accuracy against naive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afmbench.config import OptimizerConfig
+from afmbench.experiment import run
+from afmbench.models import mlp
+from afmbench.plugin import ContinualPlugin
+from afmbench.scenarios import Scenario, build_scenario
+from afmbench.strategies import EWC, MAS, SI, ANPyC
+from tests.test_persample import Gate
+
+SGD = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
+
+
+@pytest.fixture(scope="module")
+def permuted() -> Scenario:
+    return build_scenario("permuted_digits", n_experiences=3)
+
+
+def train(scenario: Scenario, plugins: list, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = mlp(scenario.input_shape, scenario.head_sizes, hidden=(64, 64))
+    options = {"max_epochs": 2, "batch_size": 32, "optimizer": SGD, "verbose": False, **kwargs}
+    return run(scenario, model, plugins, seed=seed, **options)
+
+
+def test_every_strategy_forgets_less_than_naive(permuted: Scenario) -> None:
+    naive = train(permuted, []).metrics["acc"]
+    for plugin in (EWC(lambda_=100.0), SI(c=5.0), MAS(lambda_=0.03), ANPyC(lambda_=0.05)):
+        acc = train(permuted, [plugin]).metrics["acc"]
+        assert acc > naive + 0.05, f"{plugin!r}: ACC {acc:.3f} vs naive {naive:.3f}"
+
+
+class InsertGates(ContinualPlugin):
+    """Stands in for the forgetting layer: adds a learnable per-unit gate after every hidden
+    activation before training starts; the strategies know nothing of it."""
+
+    def prepare(self, model) -> None:
+        if any(isinstance(m, Gate) for m in model.body):
+            return
+        for index in reversed([i for i, m in enumerate(model.body) if isinstance(m, nn.ReLU)]):
+            model.body.insert(index + 1, Gate(model.body[index - 1].out_features))
+
+
+def test_all_strategies_compose_with_a_layer_another_plugin_inserts(permuted: Scenario) -> None:
+    # ANPyC first: it prunes when the experience ends, and the others consolidate after it
+    plugins = [ANPyC(lambda_=0.01, prune=True, retrain_steps=2), SI(c=1.0), MAS(lambda_=0.01),
+               EWC(lambda_=10.0, fisher="exact", mode="online", gamma=0.9)]  # fmt: skip
+    result = train(permuted, [*plugins, InsertGates()], max_epochs=1)
+    assert result.accuracy_matrix.shape == (3, 3)
+    model = result.module.model
+    gates = [f"body.{i}.weight" for i, m in enumerate(model.body) if isinstance(m, Gate)]
+    assert gates == ["body.3.weight", "body.6.weight"]
+    for plugin in plugins:
+        omega = plugin.importance()
+        assert set(omega) == {n for n, _ in model.named_parameters()}
+        for gate in gates:
+            assert torch.isfinite(omega[gate]).all() and omega[gate].abs().sum() > 0, (plugin, gate)
+        assert torch.isfinite(plugin.penalty(result.module))
+    assert set(plugins[0].pruned) == {n for n, _ in model.body.named_parameters(prefix="body")}
+
+
+class LossProbe(ContinualPlugin):
+    """Records the full-batch task loss (and total loss) when an experience starts and ends,
+    and SI's path integral just before SI consolidates (it is listed before SI)."""
+
+    def __init__(self, si: SI) -> None:
+        self.si = si
+        self.name = f"probe_{si.name}"
+        self.records: list[dict[str, float]] = []
+
+    def losses(self, module) -> tuple[float, float]:
+        x, y, _ = module.train_split
+        with torch.no_grad():
+            task = F.cross_entropy(module.model(x, 0), y)
+            penalties = [p.penalty(module) for p in module.plugins()]
+        return float(task), float(task + sum(p for p in penalties if p is not None))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = self.losses(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        end = self.losses(pl_module)
+        path = float(sum(w.sum() for w in self.si.path.values()))
+        self.records.append(
+            {"task": self.start[0] - end[0], "total": self.start[1] - end[1], "path": path}
+        )
+
+
+def test_si_path_integral_matches_the_loss_drop_under_gradient_accumulation() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 1, 3, 3, generator=g)
+    y = torch.stack([(x[0].flatten(1).sum(1) > 0).long(), (x[1][:, 0, 0, 0] > 0).long()])
+    t = torch.zeros(64, dtype=torch.long)
+    splits = [(x[e], y[e], t) for e in range(2)]
+    scenario = Scenario.from_tensors("toy", "domain", splits, splits, head_sizes=(2,))
+    task_si, total_si = SI(c=0.5, xi=0.01), SI(c=0.5, xi=0.01, gradient="total")
+    total_si.name = "si_total"  # penalties and checkpoint state are keyed by name
+    probes = [LossProbe(task_si), LossProbe(total_si)]
+    torch.manual_seed(0)
+    model = mlp((1, 3, 3), (2,), hidden=(8,))
+    # two half batches per optimizer step: every step follows the full-batch gradient
+    run(scenario, model, [*probes, task_si, total_si], max_epochs=200, batch_size=32,
+        optimizer=OptimizerConfig(lr=0.025, momentum=0.0), trainer_kwargs={"accumulate_grad_batches": 2},
+        verbose=False)  # fmt: skip
+    (first_task, second_task), (first_total, second_total) = (p.records for p in probes)
+    # discrete steps: ω uses the gradient at the start of each step, an O(lr) error
+    assert first_task["path"] == pytest.approx(first_task["task"], rel=0.01)
+    assert first_total["path"] == pytest.approx(first_task["path"], rel=1e-4)  # no penalty yet
+    assert second_task["path"] == pytest.approx(second_task["task"], rel=0.02)
+    assert second_total["path"] == pytest.approx(second_total["total"], rel=0.02)
+    assert second_task["task"] > second_task["total"] + 0.01  # the penalties did cost something
