@@ -127,15 +127,10 @@ def check_params(
     it expects and an example; the example is the parameter's own default where there is one.
     """
     signature = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target)
+    try:  # a class's parameters are those of its __init__ (dataclasses included)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # unresolvable annotations: check names only
         hints = {}
-    if inspect.isclass(target) and not hints:
-        try:
-            hints = typing.get_type_hints(target.__init__)
-        except Exception:
-            hints = {}
     accepted = [
         name
         for name, p in signature.parameters.items()

@@ -53,6 +53,12 @@ def test_sweep_runs_every_combination(tmp_path):
         ),
         (["scenario.n_experiences=3"], "scenario.n_experiences=3 does not divide the 10 classes"),
         (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be positive"),
+        (["strategy=ewc", "strategy.lambda_=-5"], "strategy.lambda_=-5.0 must be >= 0"),
+        (["strategy=si", "strategy.c=-1"], "strategy.c=-1.0 must be >= 0"),
+        (["forgetting=on", "forgetting.rho=0"], "forgetting.rho=0.0 must be positive"),
+        (["forgetting=on", "forgetting.beta=-1"], "forgetting.beta=-1.0 must be >= 0"),
+        (["strategy=ewc", "strategy.fisher=magic"], "strategy.fisher must be one of empirical, sampled, exact"),
+        (["logger.mode=sometimes"], "logger.mode=sometimes is not a W&B mode"),
         (["-m", "seed=0,x"], "seed must be a non-negative whole number, got 'x'"),
     ],
 )
@@ -82,6 +88,15 @@ def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"afmbench: error: run_dir {blocker / 'run'} is not writable")
     assert "fix: pass a folder you can write to" in err and len(err.splitlines()) == 1
+
+
+def test_online_wandb_without_credentials_runs_offline_with_a_warning(tmp_path):
+    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    out = run_cli("run", "logger.mode=online", "scenario.n_experiences=2", "trainer.max_epochs=1",
+                  f"run_dir={tmp_path / 'run'}", QUIET, env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no API key" in out.stderr and "logging offline instead" in out.stderr
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
 def test_missing_data_names_the_files_and_exits_2(tmp_path):
