@@ -44,8 +44,9 @@ def find_checkpoint(resume: bool | str | Path, run_dir: Path | None) -> Path:
     ]
     if not found:
         raise CheckpointError(
-            f"no checkpoint to resume from in {where}",
-            "point resume= at a run folder with checkpoints/, or run without resume to start afresh",
+            f"no checkpoints/experience_*.ckpt in {where}",
+            "give a run folder that finished at least one experience (or a .ckpt file), "
+            "or run without resume= to start afresh",
         )
     return max(found)[1]
 
@@ -74,6 +75,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_model_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Put a checkpoint's model weights into ``model`` (already given the run's structure, e.g.
+    its forgetting layers); returns the checkpoint's loop state (``step`` and so on)."""
+    ckpt = load_checkpoint(path)
+    weights = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:120]})",
+            "load it with the configuration of the run that wrote it",
+        ) from exc
+    return ckpt["afmbench"]
+
+
+def check_same_config(state: dict[str, Any], path: Path, config_hash: str) -> None:
+    """Refuse to continue a run under a different configuration than the one that wrote it."""
+    if state.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different configuration "
+            f"(hash {state.get('config_hash')}, this run {config_hash})",
+            "resume with the same overrides as the interrupted run",
+        )
+
+
 def restore(
     ckpt: dict[str, Any],
     path: Path,
@@ -83,12 +111,7 @@ def restore(
 ) -> dict[str, Any]:
     """Load weights, plugin states and optimizer state into a fresh run; return the loop state."""
     state = ckpt["afmbench"]
-    if state.get("config_hash") != config_hash:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a different configuration "
-            f"(hash {state.get('config_hash')}, this run {config_hash})",
-            "resume with the same overrides as the interrupted run",
-        )
+    check_same_config(state, path, config_hash)
     try:
         module.load_state_dict(ckpt["state_dict"])
         for plugin in plugins:

@@ -67,6 +67,8 @@ def report(error: AfmbenchError) -> None:
 def run_command(args: list[str]) -> int:
     """``afmbench run``: check the overrides, then hand over to Hydra."""
     multirun = any(a in ("-m", "--multirun") for a in args)
+    if not multirun:
+        args = with_saved_overrides(args)
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     if not any(a.split("=")[0] in INFO_FLAGS for a in args):
         try:
@@ -75,6 +77,34 @@ def run_command(args: list[str]) -> int:
             report(error)
             return error.exit_code
     return launch_hydra(route_run_dir(args, multirun))
+
+
+def with_saved_overrides(args: list[str]) -> list[str]:
+    """``resume=PATH`` (or ``resume=true run_dir=PATH``) continues run PATH with the overrides it
+    was started with (Hydra keeps them in ``PATH/.hydra/overrides.yaml``); overrides given now
+    come after them and win."""
+    options = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    resume = options.get("resume", "false")
+    if resume.lower() == "false" or (resume.lower() == "true" and "run_dir" not in options):
+        return args
+    folder = Path(options["run_dir"] if resume.lower() == "true" else resume).expanduser()
+    if folder.suffix == ".ckpt":
+        folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    saved = folder / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return args
+    from omegaconf import OmegaConf
+
+    keep = [
+        o
+        for o in OmegaConf.load(saved)
+        if o.split("=", 1)[0].lstrip("+~") not in ("resume", "run_dir")
+        and not o.startswith("hydra.")
+        and o.split("=", 1)[0] not in options
+    ]
+    if keep:
+        print(f"afmbench: resuming {folder} with its overrides: {' '.join(keep)}", flush=True)
+    return [*keep, *args]
 
 
 def check_overrides(overrides: list[str], multirun: bool) -> None:
@@ -130,18 +160,25 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
-        return ConfigError(f"unknown option {key}", _suggest_key(key))
+        return ConfigError(f"unknown option {key}", _suggest_key(key, overrides))
     return ConfigError(f"cannot parse overrides {' '.join(overrides)}: {message}",
                        "write overrides as key=value, e.g. trainer.max_epochs=1")  # fmt: skip
 
 
-def _suggest_key(key: str) -> str:
+def _suggest_key(key: str, overrides: list[str]) -> str:
+    """The closest existing key, in the config the user's group choices compose."""
     from omegaconf import OmegaConf
 
     from afmbench.config import load_config
 
     parent, _, leaf = key.rpartition(".")
-    cfg = load_config()
+    groups = [
+        o for o in overrides if "=" in o and "." not in o.split("=")[0] and not o.startswith("+")
+    ]
+    try:
+        cfg = load_config(groups)
+    except Exception:  # another problem in the group choices: fall back to the defaults
+        cfg = load_config()
     node = OmegaConf.select(cfg, parent) if parent else cfg
     keys = list(node.keys()) if hasattr(node, "keys") else []
     close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)

@@ -1,8 +1,9 @@
 """Models: a body of hidden layers and an output head (one head per task when task-incremental).
 
 Every model is ``ContinualModel(body, head)``. The body is an ``nn.Sequential`` whose hidden
-layers each end in an activation module; that is where the forgetting layer is inserted, and
-where per-layer statistics (sparsity, neuron importance) are read.
+layers each end in an activation module (one of :data:`ACTIVATIONS`); that is where the
+forgetting layer is inserted (:func:`afmbench.forgetting.layer.sites` finds them), and where
+per-layer statistics (sparsity, neuron importance) are read.
 """
 
 from __future__ import annotations
@@ -206,20 +207,3 @@ def build_model(
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'", f"use one of {', '.join(MODELS)}")
     return MODELS[name](tuple(input_shape), tuple(head_sizes), **params)
-
-
-def hidden_activations(model: ContinualModel) -> list[tuple[str, int]]:
-    """``(name, units)`` of every activation module in the body, in order.
-
-    ``units`` is the width of the layer the activation follows (features of a Linear, channels
-    of a Conv2d). Used to place forgetting layers and to read per-layer statistics.
-    """
-    sites, units = [], 0
-    for name, module in model.body.named_children():
-        if isinstance(module, nn.Linear):
-            units = module.out_features
-        elif isinstance(module, nn.Conv2d):
-            units = module.out_channels
-        elif isinstance(module, tuple(ACTIVATIONS.values())):
-            sites.append((name, units))
-    return sites

@@ -89,7 +89,9 @@ class ContinualModule(LightningModule):
         if self.trainer.world_size > 1 and self.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices)))
 
-    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def loss(
+        self, batch: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(total, task loss, penalty per plugin name)`` of one batch: what training minimizes
         (plugins that train outside Lightning's loop, such as ANPyC's retraining, use it too)."""
         x, y, t = batch

@@ -45,13 +45,22 @@ def importance_histograms(plugins: Sequence[ContinualPlugin]) -> dict[str, dict[
 
 
 def gate_histograms(plugins: Sequence[ContinualPlugin]) -> dict[str, list[int]]:
-    """Histograms of the forgetting layer's neuron importance (mean gate) per layer, if any."""
+    """Histograms of the forgetting layer's per-sample gate states per layer, if there is one
+    (polarized switches pile up near 0 and 1)."""
     for plugin in plugins:
-        if getattr(plugin, "is_forgetting_layer", False) and hasattr(plugin, "neuron_importance"):
+        if getattr(plugin, "is_forgetting_layer", False):
             return {
                 layer: plots.histogram_counts(values.detach().float().flatten().cpu().numpy())
-                for layer, values in plugin.neuron_importance().items()
+                for layer, values in plugin.gate_states().items()
             }
+    return {}
+
+
+def layer_sparsity(plugins: Sequence[ContinualPlugin]) -> dict[str, float | None]:
+    """The forgetting layer's per-layer sparsity (AFM eq. 1), if there is one."""
+    for plugin in plugins:
+        if getattr(plugin, "is_forgetting_layer", False):
+            return plugin.layer_sparsity()
     return {}
 
 
@@ -64,6 +73,7 @@ class RunReporter:
         self.joint = joint
         self.importance: list[dict[str, dict[str, list[int]]]] = []
         self.gates: list[dict[str, list[int]]] = []
+        self.sparsity: dict[str, float | None] = {}
 
     def after_experience(
         self,
@@ -75,6 +85,7 @@ class RunReporter:
     ) -> None:
         self.importance.append(importance_histograms(plugins))
         self.gates.append(gate_histograms(plugins))
+        self.sparsity = layer_sparsity(plugins)
         if self.logger is None:
             return
         import wandb
@@ -105,6 +116,9 @@ class RunReporter:
                 data[f"importance/{plugin}/{layer}"] = wandb.Histogram(np_histogram=(counts, edges))
         for layer, counts in self.gates[-1].items():
             data[f"gates/{layer}"] = wandb.Histogram(np_histogram=(counts, edges))
+        for layer, value in self.sparsity.items():
+            if value is not None:
+                data[f"sparsity/{layer}"] = value
         self.logger.experiment.log(data)
         import matplotlib.pyplot as plt
 
@@ -112,8 +126,11 @@ class RunReporter:
 
     def finish(self, metrics: dict[str, Any], matrix: np.ndarray) -> dict[str, Any]:
         """Summary to W&B, figures to the run folder; returns what ``metrics.json`` should add."""
-        extra = {"importance_histograms": self.importance[-1] if self.importance else {},
-                 "gate_histograms": self.gates[-1] if self.gates else {}}  # fmt: skip
+        extra = {
+            "importance_histograms": self.importance[-1] if self.importance else {},
+            "gate_histograms": self.gates[-1] if self.gates else {},
+            "layer_sparsity": self.sparsity,
+        }
         if self.logger is not None:
             summary = {
                 key: metrics.get(key) for key in SUMMARY_KEYS if metrics.get(key) is not None
@@ -136,7 +153,7 @@ class RunReporter:
             plots.save(plots.histograms({plugin: per_layer}, f"{plugin} importance per layer"),
                        where / f"importance_{plugin}.png")  # fmt: skip
         if extra["gate_histograms"]:
-            plots.save(plots.histograms({"gates": extra["gate_histograms"]}, "mean gate per unit", "mean gate"),
+            plots.save(plots.histograms({"gates": extra["gate_histograms"]}, "gate states per layer", "gate"),
                        where / "gates.png")  # fmt: skip
 
     def _labels(self, n_rows: int) -> list[str]:

@@ -16,6 +16,7 @@ import lightning
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
+from afmbench.checkpoint import check_same_config, find_checkpoint, load_checkpoint
 from afmbench.config import (
     DataConfig,
     OptimizerConfig,
@@ -161,6 +162,11 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     """
     p = plan(cfg)
     folder = prepare_run_dir(run_dir)
+    if p.resume:  # check before anything in the interrupted run's folder is overwritten
+        checkpoint = find_checkpoint(p.resume, folder)
+        check_same_config(
+            load_checkpoint(checkpoint)["afmbench"], checkpoint, p.record["config_hash"]
+        )
     save_config(cfg, folder / "config.yaml")
     seed_everything(p.seed, verbose=False)
     scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)

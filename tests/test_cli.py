@@ -57,7 +57,10 @@ def test_sweep_runs_every_combination(tmp_path):
         (["strategy=si", "strategy.c=-1"], "strategy.c=-1.0 must be >= 0"),
         (["forgetting=on", "forgetting.rho=0"], "forgetting.rho=0.0 must be positive"),
         (["forgetting=on", "forgetting.beta=-1"], "forgetting.beta=-1.0 must be >= 0"),
-        (["strategy=ewc", "strategy.fisher=magic"], "strategy.fisher must be one of empirical, sampled, exact"),
+        (
+            ["strategy=ewc", "strategy.fisher=magic"],
+            "strategy.fisher must be one of empirical, sampled, exact",
+        ),
         (["logger.mode=sometimes"], "logger.mode=sometimes is not a W&B mode"),
         (["-m", "seed=0,x"], "seed must be a non-negative whole number, got 'x'"),
     ],

@@ -70,6 +70,24 @@ def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
     )
 
 
+def test_strategy_and_forgetting_layer_histograms_through_the_cli(tmp_path):
+    out = run_cli("run", "strategy=ewc", "forgetting=on", "scenario.n_experiences=2", "trainer.max_epochs=1",
+                  f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    final = [r for r in history(_run_file(tmp_path)) if "eval/tasks_learned" in r][-1]
+    importance = {
+        k.split("/")[2] for k in final if k.startswith("importance/ewc/") and k.endswith("/_type")
+    }
+    assert {"body.1.weight", "body.3.weight", "body.2.1.weight"} <= importance  # gate weights too
+    assert final["gates/body.2/_type"] == "histogram" and sum(final["gates/body.2/values"]) > 0
+    assert 0.0 <= final["sparsity/body.2"] <= 1.0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["layer_sparsity"]) == {"body.2", "body.4"}
+    assert (tmp_path / "plots" / "importance_ewc.png").is_file() and (
+        tmp_path / "plots" / "gates.png"
+    ).is_file()
+
+
 def test_run_folder_has_the_same_figures_as_pngs(tmp_path):
     out = run_cli("run", "logger=none", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from afmbench.errors import ConfigError
-from afmbench.models import MODELS, MultiHead, build_model, hidden_activations
+from afmbench.forgetting.layer import sites
+from afmbench.models import MODELS, MultiHead, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -35,11 +36,11 @@ def test_mixed_task_batch_equals_one_head_per_sample():
         assert torch.isinf(mixed[i, k:]).all()  # padding of a smaller head is never predicted
 
 
-def test_hidden_activations_report_layer_widths():
+def test_hidden_layers_report_their_widths():
     mlp = build_model("mlp", (1, 8, 8), (2,), hidden=[30, 20])
-    assert [units for _, units in hidden_activations(mlp)] == [30, 20]
+    assert [site.units for site in sites(mlp)] == [30, 20]
     cnn = build_model("lenet", (1, 28, 28), (10,))
-    assert [units for _, units in hidden_activations(cnn)] == [6, 16, 120, 84]
+    assert [site.units for site in sites(cnn)] == [6, 16, 120, 84]
 
 
 def test_si_cnn_has_four_convolutions_and_a_512_dense_layer():

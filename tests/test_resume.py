@@ -44,8 +44,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     done = json.loads((folder / "metrics.json").read_text())["experiences_done"]
     assert done < 4, "the run finished before it could be killed"
 
-    resumed = run_cli("run", *ARGS, f"run_dir={folder}", "resume=true")
+    # resume=PATH alone: the run continues with the overrides it was started with.
+    resumed = run_cli("run", f"resume={folder}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "with its overrides: " + " ".join(ARGS) in resumed.stdout
     assert "resuming after experience" in resumed.stdout
     assert np.array_equal(_matrix(folder), _matrix(tmp_path / "full"))
     assert json.loads((folder / "metrics.json").read_text())["status"] == "finished"
@@ -72,7 +74,7 @@ def test_truncated_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_resume_without_checkpoints_never_starts_afresh(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+    with pytest.raises(CheckpointError, match="no checkpoints/experience_"):
         _tiny_run(tmp_path / "empty", resume=True)
 
 
@@ -88,3 +90,14 @@ def test_checkpoint_holds_the_loop_state(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_1.ckpt", weights_only=False)
     loop = ckpt["afmbench"]
     assert loop["step"] == 1 and len(loop["train_s"]) == 2 and len(loop["baseline"]) == 2
+
+
+def test_resume_under_other_overrides_fails_before_touching_the_run(tmp_path):
+    folder = tmp_path / "run"
+    args = ("scenario.n_experiences=2", "trainer.max_epochs=1", "logger=none")
+    assert run_cli("run", *args, f"run_dir={folder}").returncode == 0
+    before = {p: p.read_bytes() for p in (folder / "config.yaml", folder / "metrics.json")}
+    out = run_cli("run", f"resume={folder}", "strategy=ewc")
+    assert out.returncode == 2
+    assert "was written by a different configuration" in out.stderr
+    assert all(path.read_bytes() == data for path, data in before.items())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,30 @@ def records(path: Path) -> Iterator[Any]:
             yield record
 
 
+def complete(path: Path, timeout: float = 60.0) -> list[Any]:
+    """All records, once the file ends with the run's ``exit`` record.
+
+    ``run.finish()`` can return before W&B's service has flushed the last records of an
+    offline run to disk, so a reader waits for the file to be whole.
+    """
+    deadline = time.time() + timeout
+    while True:
+        try:
+            found = list(records(path))
+            if found and found[-1].WhichOneof("record_type") == "exit":
+                return found
+        except Exception:  # a record cut off mid-write
+            if time.time() > deadline:
+                raise
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} never got its exit record")
+        time.sleep(0.2)
+
+
 def history(path: Path) -> list[dict[str, Any]]:
     """Every logged step as ``{key: decoded value}``."""
     rows = []
-    for record in records(path):
+    for record in complete(path):
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {
@@ -57,7 +78,7 @@ def history(path: Path) -> list[dict[str, Any]]:
 
 def summary(path: Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
-    for record in records(path):
+    for record in complete(path):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

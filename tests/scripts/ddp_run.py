@@ -16,7 +16,12 @@ import afmbench
 from afmbench.forgetting import ForgettingLayerCallback
 from afmbench.strategies import STRATEGIES
 
-out, devices, batch_size, configs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+out, devices, batch_size, configs = (
+    Path(sys.argv[1]),
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    sys.argv[4:],
+)
 trainer = {"accelerator": "cpu", "devices": devices, **({"strategy": "ddp"} if devices > 1 else {})}
 for config in configs:
     strategy, _, extra = config.partition("+")
@@ -35,7 +40,9 @@ for config in configs:
     torch.save(
         {
             "params": {k: v.detach().cpu() for k, v in result.module.model.state_dict().items()},
-            "importance": {p.name: {k: v.detach().cpu() for k, v in p.importance().items()} for p in plugins},
+            "importance": {
+                p.name: {k: v.detach().cpu() for k, v in p.importance().items()} for p in plugins
+            },
             "matrix": result.accuracy_matrix,
             "acc": result.metrics["acc"],
         },
