@@ -47,6 +47,11 @@ class ContinualPlugin(Callback):
         """The term this plugin adds to the loss for the current batch (None: nothing)."""
         return None
 
+    def penalty_grad(self, module: ContinualModule) -> dict[str, Tensor] | None:
+        """The gradient of :meth:`penalty` per parameter name where it has a closed form
+        (saves SI an autograd pass per step); None: the module uses autograd."""
+        return None
+
     def importance(self) -> dict[str, Tensor]:
         """Current importance per parameter name (empty if the plugin keeps none)."""
         return {}

@@ -71,6 +71,18 @@ class QuadraticPenalty(ContinualPlugin):
                 total = total + (omega * (theta - term.anchor[name]).square()).sum()
         return self.strength * total
 
+    def penalty_grad(self, module: ContinualModule) -> dict[str, Tensor] | None:
+        """``2 · strength · Σ_terms Ω (θ − θ*)`` per parameter name."""
+        if not self.terms:
+            return None
+        params = named_parameters(module.model)
+        grads: dict[str, Tensor] = {}
+        for term in self.terms_on(module.device):
+            for name, omega in term.importance.items():
+                step = omega * (_param(params, name, self.name).detach() - term.anchor[name])
+                grads[name] = grads[name].add_(step) if name in grads else step
+        return {name: grad.mul_(2 * self.strength) for name, grad in grads.items()}
+
     def importance(self) -> dict[str, Tensor]:
         summed: dict[str, Tensor] = {}
         for term in self.terms:

@@ -115,3 +115,35 @@ def test_missing_data_names_the_files_and_exits_2(tmp_path):
 def test_help_lists_commands():
     out = run_cli("--help")
     assert out.returncode == 0 and "leaderboard" in out.stdout and "run" in out.stdout
+
+
+def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from afmbench.config import CONFIG_NAME, config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(CONFIG_NAME, ["experiment=afm_fig5"], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    arms = {(s, f) for s in params["strategy"] for f in params["forgetting"]}
+    for strategy in ("ewc", "mas", "anpyc"):
+        assert {(strategy, "off"), (strategy, "on")} <= arms
+    assert {("naive", "off"), ("joint", "off")} <= arms and len(params["seed"]) == 3
+    assert (cfg.scenario.name, cfg.scenario.protocol, list(cfg.model.hidden)) == (
+        "permuted_mnist", "task", [512, 256],
+    )  # fmt: skip
+
+    # The same experiment through the real command, shrunk by overrides (which win over its
+    # sweep): every job lands on the leaderboard with the experiment's protocol and optimizer.
+    db = tmp_path / "board.sqlite"
+    out = run_cli("run", "-m", "experiment=afm_fig5", "scenario=permuted_digits",
+                  "scenario.n_experiences=2", "model.hidden=[16]", "strategy=naive,ewc",
+                  "forgetting=on", "seed=0", "logger=none", f"leaderboard.db={db}", QUIET,
+                  f"run_dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    board = run_cli("leaderboard", "--db", str(db), "--format", "csv")
+    rows = [line for line in board.stdout.splitlines()[1:] if line.strip()]
+    assert len(rows) == 2 and all("permuted_digits" in r and ",task," in r for r in rows), rows
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert {m["strategy"] for m in metrics} == {"naive", "ewc"}
+    assert all(m["forgetting_layer"] and m["protocol"] == "task" for m in metrics)

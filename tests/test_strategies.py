@@ -160,6 +160,34 @@ def test_penalty_value_and_gradient_match_the_closed_form() -> None:
     for (n, p), g in zip(theta.items(), grads):
         closed = sum(3.0 * t.importance[n] * (p - t.anchor[n]) for t in plugin.terms)
         torch.testing.assert_close(g, closed.detach(), msg=n)
+    # the closed form the module uses for SI's task gradient is the same gradient
+    assert_close(plugin.penalty_grad(module), dict(zip(theta, grads)))
+
+
+def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
+    """Closed-form gradients (EWC, MAS) and an autograd-only plugin add up to autograd's."""
+    from afmbench.plugin import ContinualPlugin
+
+    class Pull(ContinualPlugin):  # no closed form: the module falls back on autograd
+        name = "pull"
+
+        def penalty(self, module):
+            return sum(p.pow(4).sum() for p in module.model.parameters())
+
+    module = make_module()
+    ewc, mas = EWC(lambda_=2.0), MAS(lambda_=0.5)
+    consolidate_twice(ewc, module)
+    consolidate_twice(mas, module)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plugins = [ewc, mas, Pull()]
+    terms = {p.name: p.penalty(module) for p in plugins}
+    module.plugins = lambda: plugins
+    module._store_penalty_grads(terms)
+    theta = params(module.model)
+    expected = torch.autograd.grad(sum(terms.values()), list(theta.values()))
+    assert_close(module.penalty_grads, dict(zip(theta, expected)))
 
 
 # -- MAS ---------------------------------------------------------------------------------

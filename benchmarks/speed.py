@@ -1,0 +1,495 @@
+"""How fast afmbench trains, next to a plain PyTorch loop and to Avalanche's own strategies.
+
+One run, one machine, Permuted MNIST (domain-incremental, one shared head), 3 tasks x 1 epoch,
+the same MLP, batch size and SGD for every contender:
+
+  (a) afmbench end to end: ``afmbench.run`` with its run folder, importance passes,
+      evaluation on every test set after every experience and checkpoints;
+  (b) a plain PyTorch loop over the same preloaded tensors doing the same training (same
+      seeds, same batch order) and the same importance computations: the floor;
+  (c) Avalanche's strategy (Naive, EWC, SynapticIntelligence, MAS) on Avalanche's own
+      PermutedMNIST with its per-sample data pipeline.
+
+It prints wall times, ratios and final ACC side by side, writes benchmarks/RESULTS.md with the
+machine and the command, and with ``--quick`` (10 000 training samples per experience) ends
+with one JSON line holding ``ratio_vs_plain`` and ``ratio_vs_avalanche`` (worst strategy) for
+scripts. Also measured: each method's overhead over naive, the share of each importance pass
+(vs one epoch of training), and memory after each experience.
+
+    python benchmarks/speed.py                 # full: 60 000 samples per experience
+    python benchmarks/speed.py --quick         # about a minute; prints the JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import seed_everything
+
+import afmbench
+from afmbench.experiment import experience_seed
+from afmbench.forgetting import ForgettingLayerCallback
+from afmbench.forgetting.callback import SPARSITY_SAMPLES
+from afmbench.forgetting.importance import neuron_importance, unit_means
+from afmbench.forgetting.layer import attach, inhibition_loss, lateral_inhibition_loss
+from afmbench.loader import TensorLoader
+from afmbench.persample import per_sample_grad_sums
+from afmbench.plugin import ContinualPlugin
+from afmbench.strategies import EWC, MAS, SI, ANPyC
+from afmbench.strategies.ewc import log_likelihoods
+from afmbench.strategies.mas import squared_norm
+
+HERE = Path(__file__).resolve().parent
+HIDDEN = (512, 256)
+BATCH = 128
+LR, MOMENTUM = 0.01, 0.9
+EVAL_BATCH = 1024
+PASS_BATCH = 256  # importance passes, as in afmbench
+TASKS = 3
+
+#: Strategy settings shared by all three contenders (Avalanche's names in brackets).
+#: EWC's penalty is (λ/2) Σ F Δθ²; SI's c Σ Ω Δθ²; MAS's and ANPyC's λ Σ Ω Δθ².
+SETTINGS: dict[str, dict[str, Any]] = {
+    "naive": {},
+    "ewc": {"lambda_": 100.0},
+    "si": {"c": 1.0, "xi": 0.1},
+    "mas": {"lambda_": 1.0},
+    "anpyc": {"lambda_": 1.0},
+    "ewc+fl": {"lambda_": 100.0},
+}
+#: The forgetting layer's settings (the callback's defaults, spelled out for the plain loop).
+LAYER: dict[str, Any] = {"rho": 4.0, "lambda_f": 0.1, "beta": 1e-5, "mode": "shortcut"}
+
+
+@dataclass
+class Timing:
+    seconds: float
+    acc: float
+    importance_s: list[float] = field(default_factory=list)
+    epoch_s: list[float] = field(default_factory=list)
+    memory_mb: list[float] = field(default_factory=list)
+    state_mb: list[float] = field(default_factory=list)
+
+
+# -- (a) afmbench ----------------------------------------------------------------------
+class _Clock(ContinualPlugin):
+    """Times each experience's training epochs and the importance passes after them (the other
+    plugins' ``on_train_end``), and records memory once each experience is consolidated."""
+
+    name = "clock"
+
+    def __init__(self, timing: Timing, plugins: list[ContinualPlugin]) -> None:
+        self.timing, self.plugins = timing, plugins
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.ended = time.perf_counter()
+        self.timing.epoch_s.append(self.ended - self.started)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.timing.importance_s.append(time.perf_counter() - self.ended)
+        self.timing.memory_mb.append(_memory_mb())
+        self.timing.state_mb.append(sum(_tensor_mb(p.state_dict()) for p in self.plugins))
+
+
+def run_afmbench(name: str, scenario, seed: int) -> Timing:
+    seed_everything(seed, verbose=False)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=HIDDEN)
+    plugins = _plugins(name)
+    timing = Timing(0.0, 0.0)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = afmbench.run(
+            scenario, model, [*plugins, _Clock(timing, plugins)], max_epochs=1, batch_size=BATCH,
+            seed=seed, optimizer=afmbench.OptimizerConfig(lr=LR, momentum=MOMENTUM),
+            run_dir=folder, verbose=False,
+        )  # fmt: skip
+        timing.seconds = time.perf_counter() - started
+    timing.acc = result.metrics["acc"]
+    return timing
+
+
+def _plugins(name: str) -> list[ContinualPlugin]:
+    settings = SETTINGS[name]
+    if name == "naive":
+        return []
+    if name == "ewc+fl":
+        return [EWC(**settings), ForgettingLayerCallback(**LAYER)]
+    return [{"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC}[name](**settings)]
+
+
+# -- (b) the plain loop ----------------------------------------------------------------
+def run_plain(name: str, scenario, seed: int) -> Timing:
+    """The same training as (a) with nothing but PyTorch: tensors, model, optimizer, math."""
+    seed_everything(seed, verbose=False)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=HIDDEN)
+    gates = attach(model, LAYER["rho"], LAYER["mode"]) if name == "ewc+fl" else []
+    params = dict(model.named_parameters())
+    terms: list[tuple[dict, dict]] = []  # (Ω, θ*) pairs of the quadratic penalty
+    # the first setting is each method's strength; EWC's penalty carries a 1/2
+    strength = next(iter(SETTINGS[name].values()), 0.0) * (0.5 if "ewc" in name else 1.0)
+    tests = [scenario.test(j) for j in range(scenario.n_experiences)]
+    timing = Timing(0.0, 0.0)
+    started = time.perf_counter()
+    seed_everything(experience_seed(seed, -1), verbose=False)
+    _accuracies(model, tests)  # the untrained baseline, as afmbench measures it
+    for step in range(scenario.n_experiences):
+        seed_everything(experience_seed(seed, step), verbose=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        split = scenario.train(step)
+        path = {n: torch.zeros_like(p) for n, p in params.items()}
+        start = {n: p.detach().clone() for n, p in params.items()}
+        model.train()
+        epoch_started = time.perf_counter()
+        for x, y, _ in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
+            loss = F.cross_entropy(model(x, 0), y)
+            penalty = sum(
+                (
+                    (omega[n] * (params[n] - anchor[n]).square()).sum()
+                    for omega, anchor in terms
+                    for n in omega
+                ),
+                0.0,
+            )
+            if gates:
+                h = [g.last_input for g in gates]
+                s = [g.last_gate for g in gates]
+                layer_penalty = LAYER["lambda_f"] * inhibition_loss(s) + LAYER[
+                    "beta"
+                ] * lateral_inhibition_loss(h, s)
+            total = loss + strength * penalty + (layer_penalty if gates else 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if name == "si":  # ω += −g_task Δθ, g_task = total gradient minus the penalty's own
+                g = {n: p.grad - (2 * strength * sum(o[n] * (p - a[n]) for o, a in terms)).detach()
+                     if terms else p.grad.clone() for n, p in params.items()}  # fmt: skip
+                before = {n: p.detach().clone() for n, p in params.items()}
+            optimizer.step()
+            if name == "si":
+                for n, p in params.items():
+                    path[n] -= g[n] * (p.detach() - before[n])
+            for gate in gates:
+                gate.forget_batch()
+        timing.epoch_s.append(time.perf_counter() - epoch_started)
+        pass_started = time.perf_counter()
+        terms = _consolidate(name, model, split, terms, path, start)
+        if gates:  # Ω per unit over the experience, then the sparsity probe on 2048 samples
+            neuron_importance(model, TensorLoader(split, PASS_BATCH))
+            unit_means(
+                model,
+                TensorLoader(tuple(t[:SPARSITY_SAMPLES] for t in split), PASS_BATCH),
+                "active",
+            )
+        timing.importance_s.append(time.perf_counter() - pass_started)
+        _accuracies(model, tests)
+        timing.memory_mb.append(_memory_mb())
+        timing.state_mb.append(sum(_tensor_mb(t) for t in terms))
+    timing.seconds = time.perf_counter() - started
+    timing.acc = float(np.mean(_accuracies(model, tests)))
+    return timing
+
+
+def _consolidate(name, model, split, terms, path, start):
+    params = dict(model.named_parameters())
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    if name == "si":
+        omega = {
+            n: path[n] / ((params[n].detach() - start[n]).square() + SETTINGS["si"]["xi"])
+            for n in params
+        }
+        old = terms[0][0] if terms else {}
+        return [({n: omega[n] + old.get(n, 0) for n in omega}, snapshot)]
+    if name in ("ewc", "ewc+fl"):
+        fisher = _mean_over(split, lambda x, y: per_sample_grad_sums(
+            model, lambda m, x, y: log_likelihoods(m, x, y, fisher="empirical", task=0), (x, y), "square"))  # fmt: skip
+        return [*terms, (fisher, snapshot)]
+    if name == "mas":
+        omega = _mean_over(split, lambda x, y: per_sample_grad_sums(
+            model, lambda m, x: squared_norm(m, x, task=0), (x,), "abs"))  # fmt: skip
+        old = terms[0][0] if terms else {}
+        return [({n: omega[n] + old.get(n, 0) for n in omega}, snapshot)]
+    if name == "anpyc":
+        omega = _mean_over(split, lambda x, y: _entropy_scores(model, x), batch=100, per_batch=True)
+        old = terms[0][0] if terms else {}
+        return [
+            (
+                {n: torch.maximum(omega[n], old[n]) if n in old else omega[n] for n in omega},
+                snapshot,
+            )
+        ]
+    return terms
+
+
+def _entropy_scores(model, x):
+    params = dict(model.named_parameters())
+    logp = F.log_softmax(model(x, 0), dim=1)
+    grads = torch.autograd.grad(-(logp.exp() * logp).sum(), list(params.values()))
+    return {
+        n: F.relu(g * p + 0.5 * p.square() * g.square()).detach()
+        for (n, p), g in zip(params.items(), grads)
+    }
+
+
+def _mean_over(split, stats: Callable, batch: int = PASS_BATCH, per_batch: bool = False):
+    """Mean of per-batch sums over the split (per sample, or per batch for ANPyC)."""
+    totals, count = {}, 0
+    for x, y, _ in TensorLoader(split, batch):
+        for n, value in stats(x, y).items():
+            totals[n] = totals[n] + value if n in totals else value
+        count += 1 if per_batch else len(x)
+    return {n: v / count for n, v in totals.items()}
+
+
+@torch.no_grad()
+def _accuracies(model, tests) -> list[float]:
+    model.eval()
+    accs = []
+    for split in tests:
+        correct = sum(
+            int((model(x, 0).argmax(1) == y).sum()) for x, y, _ in TensorLoader(split, EVAL_BATCH)
+        )
+        accs.append(correct / len(split[0]))
+    model.train()
+    return accs
+
+
+# -- (c) Avalanche ---------------------------------------------------------------------
+AVALANCHE = {"naive": "Naive", "ewc": "EWC", "si": "SynapticIntelligence", "mas": "MAS"}
+
+
+def run_avalanche(name: str, data_root: Path, limit: int | None, seed: int) -> Timing | None:
+    if name not in AVALANCHE:
+        return None
+    import copy
+
+    from avalanche.benchmarks.classic import PermutedMNIST
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training import supervised
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from afmbench.scenarios.sources import cache_root, prepare_mnist_like
+
+    benchmark = PermutedMNIST(
+        TASKS, seed=seed, dataset_root=prepare_mnist_like("MNIST", data_root, cache_root())
+    )
+    seed_everything(seed, verbose=False)
+    model = afmbench.build_model("mlp", (1, 28, 28), (10,), hidden=HIDDEN)
+    extra = {
+        "naive": {},
+        # Avalanche's penalty has no 1/2 and its Fisher squares batch-mean gradients; λ chosen for equal ACC
+        "ewc": {"ewc_lambda": SETTINGS["ewc"]["lambda_"] * 50},
+        "si": {"si_lambda": SETTINGS["si"]["c"], "eps": SETTINGS["si"]["xi"]},
+        "mas": {"lambda_reg": SETTINGS["mas"]["lambda_"]},
+    }[name]
+    strategy = getattr(supervised, AVALANCHE[name])(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM),
+        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=1, eval_mb_size=EVAL_BATCH,
+        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]), **extra,
+    )  # fmt: skip
+    timing = Timing(0.0, 0.0)
+    started = time.perf_counter()
+    for experience in benchmark.train_stream:
+        if limit is not None:
+            experience = copy.copy(experience)
+            experience.dataset = experience.dataset.subset(
+                subset(len(experience.dataset), limit).tolist()
+            )
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream)
+        timing.memory_mb.append(_memory_mb())
+    timing.seconds = time.perf_counter() - started
+    timing.acc = float(next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream")))
+    return timing
+
+
+# -- reporting -------------------------------------------------------------------------
+def _tensor_mb(state: Any) -> float:
+    """Megabytes of all tensors in a nested structure (a plugin's state)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() / 2**20
+    if isinstance(state, dict):
+        return sum(_tensor_mb(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_mb(v) for v in state)
+    return 0.0
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Limited:
+    """A scenario whose training splits keep a fixed random ``limit`` of their samples
+    (``--quick``); the stored splits are ordered by class, so a prefix would not do."""
+
+    def __init__(self, scenario, limit: int | None) -> None:
+        self._scenario, self._limit = scenario, limit
+
+    def __getattr__(self, name):
+        return getattr(self._scenario, name)
+
+    def train(self, index):
+        split = self._scenario.train(index)
+        return (
+            split if self._limit is None else tuple(t[subset(len(t), self._limit)] for t in split)
+        )
+
+
+def subset(size: int, limit: int) -> torch.Tensor:
+    """The ``--quick`` sample indices, shared by all three contenders."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(0))[:limit]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10 000 training samples per task")
+    parser.add_argument("--strategies", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--no-avalanche", action="store_true", help="skip Avalanche (c)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report (full runs)")
+    options = parser.parse_args()
+    data_root = Path(os.environ.get("AFMBENCH_DATA_DIR", "data"))
+    limit = 10_000 if options.quick else None
+    full = afmbench.build_scenario("permuted_mnist", n_experiences=TASKS, seed=options.seed)
+    scenario = Limited(full, limit)
+
+    # Warm-up, untimed: first calls pay for lazy imports, allocator growth and vmap tracing.
+    warm = Limited(full, 2048)
+    for name in ("naive", "ewc+fl"):
+        run_afmbench(name, warm, options.seed)
+        run_plain(name, warm, options.seed)
+
+    rows = []
+    for name in options.strategies:
+        a = run_afmbench(name, scenario, options.seed)
+        b = run_plain(name, scenario, options.seed)
+        c = None if options.no_avalanche else run_avalanche(name, data_root, limit, options.seed)
+        rows.append((name, a, b, c))
+        print(_line(name, a, b, c), flush=True)
+    text = _report(rows, options, limit)
+    if not options.quick:
+        Path(options.output).write_text(text)
+    print(text)
+    if options.quick:
+        print(json.dumps(_summary(rows)))
+    return 0
+
+
+def _summary(rows) -> dict[str, Any]:
+    """The worst strategy's ratios, for scripts."""
+    return {
+        "ratio_vs_plain": round(max(a.seconds / b.seconds for _, a, b, _ in rows), 3),
+        "ratio_vs_avalanche": round(
+            min((c.seconds / a.seconds for _, a, _, c in rows if c), default=float("nan")), 3
+        ),
+        "acc_gap_vs_avalanche": round(
+            max((abs(a.acc - c.acc) for _, a, _, c in rows if c), default=float("nan")), 4
+        ),
+        "seconds": {name: round(a.seconds, 2) for name, a, _, _ in rows},
+    }
+
+
+def _line(name: str, a: Timing, b: Timing, c: Timing | None) -> str:
+    av = f"{c.seconds:7.1f}s acc {c.acc:.3f}" if c else "      -"
+    return (
+        f"{name:7s} afmbench {a.seconds:7.1f}s acc {a.acc:.3f} | "
+        f"plain {b.seconds:7.1f}s acc {b.acc:.3f} | avalanche {av}"
+    )
+
+
+def _report(rows, options, limit: int | None) -> str:
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    command = "python benchmarks/speed.py" + (" --quick" if options.quick else "")
+    samples = f"{limit:,}" if limit else "60,000"
+    by_name = {name: a for name, a, _, _ in rows}
+    naive = by_name.get("naive")
+    lines = [
+        "# Speed",
+        "",
+        f"Permuted MNIST, {TASKS} tasks x 1 epoch, {samples} training samples per task, "
+        f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, SGD lr {LR} momentum "
+        f"{MOMENTUM}; evaluation on every test set after every task. Seconds are wall time "
+        "end to end (afmbench: including its run folder, checkpoints and importance passes).",
+        "",
+        f"Machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU only. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`",
+        "",
+        "| strategy | afmbench s | plain loop s | Avalanche s | afmbench / plain "
+        "| Avalanche / afmbench | ACC afmbench | ACC plain | ACC Avalanche | time over naive "
+        "| importance pass / epoch | plugin state MB after each task | RSS MB after each task |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a, b, c in rows:
+        over = f"{a.seconds / naive.seconds - 1:+.0%}" if naive and name != "naive" else "-"
+        share = max(i / e for i, e in zip(a.importance_s, a.epoch_s))
+        cells = [
+            name, f"{a.seconds:.1f}", f"{b.seconds:.1f}", f"{c.seconds:.1f}" if c else "-",
+            f"{a.seconds / b.seconds:.2f}", f"{c.seconds / a.seconds:.1f}" if c else "-",
+            f"{a.acc:.4f}", f"{b.acc:.4f}", f"{c.acc:.4f}" if c else "-", over, f"{share:.2f}",
+            " / ".join(f"{m:.1f}" for m in a.state_mb),
+            " / ".join(f"{m:.0f}" for m in a.memory_mb),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Targets (issue 7):", ""]
+    lines += _targets(rows, by_name)
+    return "\n".join(lines) + "\n"
+
+
+def _targets(rows, by_name: dict[str, Timing]) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    worst_plain = max(rows, key=lambda r: r[1].seconds / r[2].seconds)
+    lines = [
+        f"- afmbench at most 1.3x the plain loop: {mark(worst_plain[1].seconds / worst_plain[2].seconds <= 1.3)} "
+        f"(worst: {worst_plain[0]}, {worst_plain[1].seconds / worst_plain[2].seconds:.2f}x)",
+    ]  # fmt: skip
+    compared = [r for r in rows if r[3]]
+    if compared:
+        slowest = min(compared, key=lambda r: r[3].seconds / r[1].seconds)
+        gap = max(abs(r[1].acc - r[3].acc) for r in compared)
+        lines.append(
+            f"- at least 5x faster than Avalanche: {mark(slowest[3].seconds / slowest[1].seconds >= 5)} "
+            f"(worst: {slowest[0]}, {slowest[3].seconds / slowest[1].seconds:.1f}x); ACC within "
+            f"1 point: {mark(gap <= 0.01)} (largest gap {100 * gap:.1f} points)"
+        )  # fmt: skip
+    if "naive" in by_name and "si" in by_name:
+        si = by_name["si"].seconds / by_name["naive"].seconds - 1
+        lines.append(f"- SI at most 10% over naive: {mark(si <= 0.10)} ({si:+.0%})")
+    for name in ("ewc", "mas", "anpyc"):
+        if name in by_name:
+            t = by_name[name]
+            share = max(i / e for i, e in zip(t.importance_s, t.epoch_s))
+            lines.append(
+                f"- {name} importance pass at most one epoch: {mark(share <= 1)} ({share:.2f} epoch)"
+            )
+    if "ewc" in by_name and "ewc+fl" in by_name:
+        fl = by_name["ewc+fl"].seconds / by_name["ewc"].seconds - 1
+        lines.append(
+            f"- forgetting layer at most 20% over the same run without it: {mark(fl <= 0.2)} ({fl:+.0%})"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
