@@ -89,7 +89,9 @@ def with_saved_overrides(args: list[str]) -> list[str]:
         return args
     folder = Path(options["run_dir"] if resume.lower() == "true" else resume).expanduser()
     if folder.suffix == ".ckpt":
-        folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        from afmbench.checkpoint import run_folder_of
+
+        folder = run_folder_of(folder)
     saved = folder / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         return args

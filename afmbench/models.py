@@ -90,14 +90,7 @@ def mlp(
             f"model.hidden={list(hidden)} needs positive widths", "e.g. model.hidden=[256,256]"
         )
     _check_dropout(dropout)
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = math.prod(input_shape)
-    for w in hidden:
-        layers += [nn.Linear(width, int(w)), _activation(activation)]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        width = int(w)
-    return ContinualModel(nn.Sequential(*layers), MultiHead(width, head_sizes))
+    return _dense_top([], math.prod(input_shape), hidden, activation, dropout, head_sizes)
 
 
 def lenet(
@@ -173,6 +166,7 @@ def vgg_small(
 
 
 def _dense_top(layers, width, hidden, activation, dropout, head_sizes) -> ContinualModel:
+    """``layers`` (``width`` features out), then dense hidden layers and the multi-head output."""
     if width < 1:
         raise ConfigError(
             "the input is too small for this network's pooling stages",

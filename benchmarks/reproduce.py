@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from generated import write_block
+
 HERE = Path(__file__).resolve().parent
 TABLE = HERE / "REPRODUCTION.md"
 
@@ -175,14 +177,7 @@ def table(runs: Path) -> str:
 
 
 def write_table(runs: Path) -> None:
-    text = TABLE.read_text() if TABLE.exists() else ""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    block = f"{start}\n{table(runs)}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text + "\n" + block + "\n"
-    TABLE.write_text(text)
+    write_block(TABLE, "results", table(runs))
 
 
 def main(argv: list[str] | None = None) -> int:

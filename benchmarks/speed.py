@@ -38,6 +38,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
+from generated import write_block
 from lightning.pytorch import seed_everything
 
 import afmbench
@@ -386,7 +387,7 @@ def main() -> int:
         print(_line(name, a, b, c), flush=True)
     text = _report(rows, options, limit)
     if not options.quick:
-        Path(options.output).write_text(text)
+        write_block(Path(options.output), "speed", text)
     print(text)
     if options.quick:
         print(json.dumps(_summary(rows)))
