@@ -58,10 +58,13 @@ def run_folder_of(checkpoint: Path) -> Path:
     )
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint, turning truncation and corruption into one clear error."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint, turning truncation and corruption into one clear error.
+
+    ``mmap=True`` maps tensors instead of reading them: cheap when only the loop state is needed.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # truncated zip, bad pickle, unreadable file...
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:80]})",

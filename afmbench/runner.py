@@ -164,9 +164,8 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     folder = prepare_run_dir(run_dir)
     if p.resume:  # check before anything in the interrupted run's folder is overwritten
         checkpoint = find_checkpoint(p.resume, folder)
-        check_same_config(
-            load_checkpoint(checkpoint)["afmbench"], checkpoint, p.record["config_hash"]
-        )
+        state = load_checkpoint(checkpoint, mmap=True)["afmbench"]  # the run loads it in full
+        check_same_config(state, checkpoint, p.record["config_hash"])
     save_config(cfg, folder / "config.yaml")
     seed_everything(p.seed, verbose=False)
     scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
