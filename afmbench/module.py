@@ -23,7 +23,8 @@ class ContinualModule(LightningModule):
     """Trains ``model`` on one experience per ``Trainer.fit`` and records the accuracy matrix.
 
     The loss is the task's cross-entropy plus the penalty of every :class:`ContinualPlugin`
-    among the trainer's callbacks. The experience loop sets :attr:`experience`,
+    among the trainer's callbacks (penalties with a closed-form gradient enter through that
+    gradient, see :meth:`loss`). The experience loop sets :attr:`experience`,
     :attr:`task_id` and :attr:`train_split` before each fit and :attr:`eval_row` before each
     evaluation; plugins read them (and :meth:`batches`) in their hooks.
     """
@@ -44,7 +45,7 @@ class ContinualModule(LightningModule):
         self.task_id: int | None = 0
         self.train_split: Split | None = None
         self.eval_row = 0
-        self.penalty_grads: dict[str, Tensor] = {}
+        self.graph_penalty_grads: dict[str, Tensor] = {}
         self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -90,38 +91,93 @@ class ContinualModule(LightningModule):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.trainer.num_devices)))
 
     def loss(
-        self, batch: tuple[Tensor, Tensor, Tensor]
+        self, batch: tuple[Tensor, Tensor, Tensor], closed_form: bool = False
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``(total, task loss, penalty per plugin name)`` of one batch: what training minimizes
-        (plugins that train outside Lightning's loop, such as ANPyC's retraining, use it too)."""
+        (plugins that train outside Lightning's loop, such as ANPyC's retraining, use it too).
+
+        ``closed_form`` (what :meth:`training_step` uses) leaves out the penalties of plugins
+        with a closed-form gradient (:attr:`ContinualPlugin.closed_form_grad`):
+        :meth:`on_before_optimizer_step` adds their gradient instead, and their values are
+        computed only when they are logged.
+        """
         x, y, t = batch
         task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
         terms = {}
         for plugin in self.plugins():
+            if closed_form and plugin.closed_form_grad:
+                continue
             term = plugin.penalty(self)
             if term is not None:
                 terms[plugin.name] = term
         return (task_loss + sum(terms.values()) if terms else task_loss), task_loss, terms
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, task_loss, terms = self.loss(batch)
+        loss, task_loss, terms = self.loss(batch, closed_form=True)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"loss became {loss.item()} in experience {self.experience} "
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )
-        self.penalty_grads = {}
+        self.graph_penalty_grads = {}
         if terms and any(p.needs_penalty_grads for p in self.plugins()):
-            self._store_penalty_grads(terms)
+            self.graph_penalty_grads = self._grads_of(sum(terms.values()))
         every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            # only on the steps Lightning writes to the logger: self.log costs ~0.25 ms a call
-            self.log("train/loss", loss, prog_bar=True)
+        watched = self.trainer.loggers or self.trainer.progress_bar_callback is not None
+        if watched and every and (self.global_step + 1) % every == 0:
+            # only on the steps Lightning writes to a logger, and only if a logger or the
+            # progress bar reads them: self.log costs ~0.5 ms a call
+            with torch.no_grad():
+                closed = self._closed_form_values()
+            self.log("train/loss", loss.detach() + sum(closed.values()), prog_bar=True)
             self.log("train/task_loss", task_loss)
-            for name, term in terms.items():
+            for name, term in {**terms, **closed}.items():
                 self.log(f"train/penalty/{name}", term)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adds the gradients of the closed-form penalties that :meth:`loss` left out of the
+        graph: once per optimizer step, after every callback's ``on_before_optimizer_step``
+        and after Lightning has all-reduced (DDP) and unscaled (16-bit AMP) the gradients, and
+        before gradient clipping and the step."""
+        plugins = self._closed_form_plugins()
+        if not plugins:
+            return
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        for plugin in plugins:
+            plugin.add_penalty_grad(self, grads)
+        for name, grad in grads.items():
+            if params[name].grad is None:
+                params[name].grad = grad
+
+    def closed_form_penalty_grads(self) -> dict[str, Tensor]:
+        """The gradient of the closed-form penalties at the current parameters, per name: what
+        :meth:`on_before_optimizer_step` is about to add (for plugins that need it earlier)."""
+        grads: dict[str, Tensor] = {}
+        for plugin in self._closed_form_plugins():
+            plugin.add_penalty_grad(self, grads)
+        return grads
+
+    def _closed_form_plugins(self) -> list[ContinualPlugin]:
+        return [p for p in self.plugins() if p.closed_form_grad]
+
+    def _closed_form_values(self) -> dict[str, Tensor]:
+        values = {}
+        for plugin in self._closed_form_plugins():
+            value = plugin.penalty(self)
+            if value is not None:
+                values[plugin.name] = value
+        return values
+
+    def _grads_of(self, value: Tensor) -> dict[str, Tensor]:
+        """``∂value/∂θ`` per trainable parameter name, keeping the graph for the backward pass."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        found = torch.autograd.grad(
+            value, [p for _, p in named], retain_graph=True, allow_unused=True
+        )
+        return {name: grad for (name, _), grad in zip(named, found) if grad is not None}
 
     def validation_step(
         self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -139,30 +195,6 @@ class ContinualModule(LightningModule):
         """Checkpoints also carry the experience loop's state and the persistent optimizer."""
         optimizer = self._optimizer.state_dict() if self._optimizer is not None else None
         checkpoint["afmbench"] = {**self.loop_state, "optimizer": optimizer}
-
-    def _store_penalty_grads(self, terms: dict[str, Tensor]) -> None:
-        """The gradient of the summed penalties per parameter name: in closed form from the
-        plugins that know it (:meth:`ContinualPlugin.penalty_grad`), by autograd for the rest."""
-        grads: dict[str, Tensor] = {}
-        rest = []
-        for plugin in self.plugins():
-            if plugin.name not in terms:
-                continue
-            known = plugin.penalty_grad(self)
-            if known is None:
-                rest.append(terms[plugin.name])
-                continue
-            for name, grad in known.items():
-                grads[name] = grads[name] + grad if name in grads else grad
-        if rest:
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            found = torch.autograd.grad(
-                sum(rest), [p for _, p in named], retain_graph=True, allow_unused=True
-            )
-            for (name, _), grad in zip(named, found):
-                if grad is not None:
-                    grads[name] = grads[name] + grad if name in grads else grad
-        self.penalty_grads = grads
 
 
 def make_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:

@@ -9,12 +9,15 @@ compute the same sums:
   ``Σ_i Σ_k φ(δ_ik a_iᵀ) = (Σ_k φ(δ_k))ᵀ φ(a)``: one matmul per layer, no per-sample gradient
   is ever formed. ``a`` is captured by a forward hook and ``δ_k`` by differentiating the batch
   sum of column k with respect to the layer's output (one backward pass per column).
-- **Everything else** (convolutions, gate weights, any parameter): ``torch.func`` —
-  ``vmap`` over samples of ``jacrev`` of ``functional_call`` — in chunks, so memory stays at
+- **Modules that know their own per-sample gradient** (the forgetting layer's switches): a
+  module with a ``per_sample_grads(input, grad_output)`` method returns, for each of its
+  parameters, the per-sample gradients given the gradient of its output, captured the same way.
+- **Everything else** (convolutions, any other parameter): ``torch.func`` — ``vmap`` over
+  samples of ``jacrev`` of ``functional_call`` — in chunks, so memory stays at
   ``chunk_size × K × parameters``.
 
-``method="auto"`` takes the fast path for every ``nn.Linear`` that saw exactly one row per
-sample in one call, and the general path for the remaining parameters.
+``method="auto"`` takes the fast paths for every layer that saw exactly one call with one row
+per sample, and the general path for the remaining parameters.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def _linear_sums(
     phi: Callable[[Tensor], Tensor],
     trainable: set[str],
 ) -> dict[str, Tensor]:
-    """Fast-path sums for every Linear layer that qualifies (see the module docstring)."""
-    layers = _private_linears(model, trainable)
+    """Fast-path sums for every Linear layer and every module with ``per_sample_grads`` that
+    qualifies (see the module docstring)."""
+    layers = {**_private_linears(model, trainable), **_self_differentiating(model, trainable)}
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     handles = [
         module.register_forward_hook(
@@ -91,7 +95,9 @@ def _linear_sums(
     sites = {
         name: seen[0]
         for name, seen in calls.items()
-        if len(seen) == 1 and seen[0][0].dim() == 2 and seen[0][0].shape[0] == n
+        if len(seen) == 1
+        and seen[0][0].shape[0] == n
+        and (seen[0][0].dim() == 2 or not isinstance(layers[name], nn.Linear))
     }
     unused = [name for name, seen in calls.items() if not seen]  # per-sample gradients are 0
     sums = {
@@ -100,7 +106,8 @@ def _linear_sums(
         for k, p in layers[name].named_parameters(recurse=False)
     }
     # φ(δ_ik a_iᵀ) = φ(δ_ik) φ(a_i)ᵀ: sum φ(δ) over the columns first, then one matmul per layer
-    deltas = {name: torch.zeros_like(out) for name, (_, out) in sites.items()}
+    linear = [name for name in sites if isinstance(layers[name], nn.Linear)]
+    deltas = {name: torch.zeros_like(sites[name][1]) for name in linear}
     for k in range(table.shape[1] if sites else 0):
         grads = torch.autograd.grad(
             table[:, k].sum(),
@@ -109,13 +116,32 @@ def _linear_sums(
             allow_unused=True,
         )
         for name, delta in zip(sites, grads):
-            if delta is not None:  # None: the layer does not reach this column
+            if delta is None:  # the layer does not reach this column
+                continue
+            if name in deltas:
                 deltas[name] += phi(delta)
-    for name, (a, _) in sites.items():
+                continue
+            with torch.no_grad():  # constants: no graph may reach the sums
+                per_sample = layers[name].per_sample_grads(sites[name][0], delta)
+            for key, grad in per_sample.items():
+                sums[f"{name}.{key}"] += phi(grad).sum(0)
+    for name in linear:
+        a = sites[name][0]
         sums[f"{name}.weight"] += deltas[name].T @ phi(a.detach())
         if f"{name}.bias" in sums:
             sums[f"{name}.bias"] += deltas[name].sum(0)
     return {n: s for n, s in sums.items() if n in trainable}
+
+
+def _self_differentiating(model: nn.Module, trainable: set[str]) -> dict[str, nn.Module]:
+    """Leaf modules with a ``per_sample_grads`` method and a trainable parameter."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if callable(getattr(m, "per_sample_grads", None))
+        and any(f"{name}.{k}" in trainable for k, _ in m.named_parameters(recurse=False))
+        and next(m.children(), None) is None
+    }
 
 
 def _private_linears(model: nn.Module, trainable: set[str]) -> dict[str, nn.Linear]:

@@ -10,7 +10,7 @@ per experience because every experience is one ``Trainer.fit``:
   (it must be idempotent), so weights can be restored from a checkpoint into the final shape;
 - ``on_train_start``: the experience begins (e.g. remember the starting parameters);
 - ``on_before_optimizer_step`` / ``on_train_batch_end``: per-step bookkeeping (SI's path
-  integral);
+  integral); see :attr:`ContinualPlugin.closed_form_grad` for what ``p.grad`` holds there;
 - ``on_train_end``: the experience is learned; estimate importance and set anchors. This runs
   on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree;
 - ``state_dict`` / ``load_state_dict``: everything needed to continue, saved in checkpoints.
@@ -35,9 +35,16 @@ class ContinualPlugin(Callback):
 
     #: Short name used in logs (``train/penalty/<name>``), checkpoints and results.
     name: str = "plugin"
-    #: Set by plugins that need the gradient of the task loss alone (SI); the module then
-    #: stores the gradient of the summed penalties in ``module.penalty_grads`` every step.
+    #: Set by plugins that need the gradient of the task loss alone (SI). In a callback's
+    #: ``on_before_optimizer_step``, ``p.grad`` holds the gradient of the task loss plus the
+    #: penalties *without* a closed form; the module then also stores the gradient of the
+    #: latter in ``module.graph_penalty_grads`` every step, so it can be taken out.
     needs_penalty_grads: bool = False
+    #: Set by plugins whose :meth:`add_penalty_grad` gives the penalty's gradient in closed
+    #: form. The module then keeps their penalty out of the autograd graph and adds the
+    #: gradient in its own ``on_before_optimizer_step`` (after every callback's): one fused
+    #: update per parameter instead of a graph of four operations and their backward.
+    closed_form_grad: bool = False
 
     def prepare(self, model: ContinualModel) -> None:
         """Change ``model``'s structure before an optimizer or a checkpoint sees it (idempotent)."""
@@ -47,10 +54,12 @@ class ContinualPlugin(Callback):
         """The term this plugin adds to the loss for the current batch (None: nothing)."""
         return None
 
-    def penalty_grad(self, module: ContinualModule) -> dict[str, Tensor] | None:
-        """The gradient of :meth:`penalty` per parameter name where it has a closed form
-        (saves SI an autograd pass per step); None: the module uses autograd."""
-        return None
+    def add_penalty_grad(
+        self, module: ContinualModule, grads: dict[str, Tensor], alpha: float = 1.0
+    ) -> None:
+        """Add ``alpha`` times the gradient of :meth:`penalty` into ``grads[name]`` in place
+        (a missing entry starts at zero). Only called where :attr:`closed_form_grad` is set."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form penalty gradient")
 
     def importance(self) -> dict[str, Tensor]:
         """Current importance per parameter name (empty if the plugin keeps none)."""

@@ -51,6 +51,7 @@ from afmbench.loader import TensorLoader
 from afmbench.persample import per_sample_grad_sums
 from afmbench.plugin import ContinualPlugin
 from afmbench.strategies import EWC, MAS, SI, ANPyC
+from afmbench.strategies.anpyc import entropy_score
 from afmbench.strategies.ewc import log_likelihoods
 from afmbench.strategies.mas import squared_norm
 
@@ -158,33 +159,33 @@ def run_plain(name: str, scenario, seed: int) -> Timing:
         start = {n: p.detach().clone() for n, p in params.items()}
         model.train()
         epoch_started = time.perf_counter()
+        grad_buf = {n: torch.empty_like(p) for n, p in params.items()}  # SI's g and θ before
+        before = {n: torch.empty_like(p) for n, p in params.items()}
         for x, y, _ in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
             loss = F.cross_entropy(model(x, 0), y)
-            penalty = sum(
-                (
-                    (omega[n] * (params[n] - anchor[n]).square()).sum()
-                    for omega, anchor in terms
-                    for n in omega
-                ),
-                0.0,
-            )
             if gates:
                 h = [g.last_input for g in gates]
                 s = [g.last_gate for g in gates]
-                layer_penalty = LAYER["lambda_f"] * inhibition_loss(s) + LAYER[
-                    "beta"
-                ] * lateral_inhibition_loss(h, s)
-            total = loss + strength * penalty + (layer_penalty if gates else 0.0)
+                loss = (
+                    loss
+                    + LAYER["lambda_f"] * inhibition_loss(s)
+                    + LAYER["beta"] * lateral_inhibition_loss(h, s)
+                )
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if name == "si":  # ω += −g_task Δθ, g_task = total gradient minus the penalty's own
-                g = {n: p.grad - (2 * strength * sum(o[n] * (p - a[n]) for o, a in terms)).detach()
-                     if terms else p.grad.clone() for n, p in params.items()}  # fmt: skip
-                before = {n: p.detach().clone() for n, p in params.items()}
+            loss.backward()
+            with torch.no_grad():
+                if name == "si":  # g_task: the gradient before the penalty's is added
+                    for n, p in params.items():
+                        grad_buf[n].copy_(p.grad)
+                        before[n].copy_(p)
+                for omega, anchor in terms:  # the quadratic penalty's gradient, in closed form
+                    for n in omega:
+                        params[n].grad.addcmul_(omega[n], params[n] - anchor[n], value=2 * strength)
             optimizer.step()
-            if name == "si":
-                for n, p in params.items():
-                    path[n] -= g[n] * (p.detach() - before[n])
+            if name == "si":  # ω += −g_task Δθ
+                with torch.no_grad():
+                    for n, p in params.items():
+                        path[n].addcmul_(grad_buf[n], before[n].sub_(p))
             for gate in gates:
                 gate.forget_batch()
         timing.epoch_s.append(time.perf_counter() - epoch_started)
@@ -241,10 +242,7 @@ def _entropy_scores(model, x):
     params = dict(model.named_parameters())
     logp = F.log_softmax(model(x, 0), dim=1)
     grads = torch.autograd.grad(-(logp.exp() * logp).sum(), list(params.values()))
-    return {
-        n: F.relu(g * p + 0.5 * p.square() * g.square()).detach()
-        for (n, p), g in zip(params.items(), grads)
-    }
+    return {n: entropy_score(g, p.detach()) for (n, p), g in zip(params.items(), grads)}
 
 
 def _mean_over(split, stats: Callable, batch: int = PASS_BATCH, per_batch: bool = False):

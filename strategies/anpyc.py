@@ -99,7 +99,7 @@ class ANPyC(QuadraticPenalty):
             entropy = -(logp.exp() * logp).sum()
             grads = torch.autograd.grad(entropy, list(params.values()), allow_unused=True)
             return {
-                n: F.relu(g * p + 0.5 * p.square() * g.square()).detach()
+                n: entropy_score(g, p.detach())
                 for (n, p), g in zip(params.items(), grads)
                 if g is not None
             }
@@ -151,6 +151,13 @@ class ANPyC(QuadraticPenalty):
                 with torch.no_grad():  # momentum or weight decay could move them otherwise
                     for n, mask in pruned.items():
                         params[n].masked_fill_(mask, 0.0)
+
+
+def entropy_score(grad: Tensor, theta: Tensor) -> Tensor:
+    """``max(G·θ + ½ θ² G², 0)``, written as ``u + ½ u²`` with ``u = G·θ``: two passes over the
+    parameters instead of seven (the importance pass runs it once per batch)."""
+    u = grad * theta
+    return torch.addcmul(u, u, u, value=0.5).relu_()
 
 
 def lowest(omega: Tensor, free: Tensor, pruned: Tensor, fraction: float) -> Tensor:

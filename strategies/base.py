@@ -48,6 +48,7 @@ class QuadraticPenalty(ContinualPlugin):
     """
 
     strength: float = 1.0
+    closed_form_grad = True
     #: Names of further per-parameter tables (dicts of tensors) that a subclass keeps and
     #: that checkpoints must carry.
     tables: tuple[str, ...] = ()
@@ -71,17 +72,20 @@ class QuadraticPenalty(ContinualPlugin):
                 total = total + (omega * (theta - term.anchor[name]).square()).sum()
         return self.strength * total
 
-    def penalty_grad(self, module: ContinualModule) -> dict[str, Tensor] | None:
-        """``2 · strength · Σ_terms Ω (θ − θ*)`` per parameter name."""
-        if not self.terms:
-            return None
+    def add_penalty_grad(
+        self, module: ContinualModule, grads: dict[str, Tensor], alpha: float = 1.0
+    ) -> None:
+        """``grads[k] += alpha · 2 · strength · Σ_terms Ω_k (θ_k − θ*_k)``, one fused update per
+        parameter and term."""
         params = named_parameters(module.model)
-        grads: dict[str, Tensor] = {}
-        for term in self.terms_on(module.device):
-            for name, omega in term.importance.items():
-                step = omega * (_param(params, name, self.name).detach() - term.anchor[name])
-                grads[name] = grads[name].add_(step) if name in grads else step
-        return {name: grad.mul_(2 * self.strength) for name, grad in grads.items()}
+        scale = 2 * self.strength * alpha
+        with torch.no_grad():
+            for term in self.terms_on(module.device):
+                for name, omega in term.importance.items():
+                    theta = _param(params, name, self.name)
+                    if name not in grads:
+                        grads[name] = torch.zeros_like(theta)
+                    grads[name].addcmul_(omega, theta - term.anchor[name], value=scale)
 
     def importance(self) -> dict[str, Tensor]:
         summed: dict[str, Tensor] = {}

@@ -23,11 +23,12 @@ class SI(QuadraticPenalty):
     optimizer made of g). At its end ``Ω_k += ω_k / ((θ_k(end) − θ_k(start))² + ξ)`` and ω
     restarts from zero. Ω is not clamped: a negative ω (a parameter that moved uphill) is kept.
 
-    ``gradient``: which g enters ω. ``task`` (default) is the gradient of the task loss alone,
-    ``p.grad`` minus the gradient of all plugins' penalties (which the module then stores each
-    step): ω then measures each parameter's share of the drop in the *new task's* loss, as the
-    paper intends. ``total`` uses ``p.grad`` as is, penalties included, as some reference
-    implementations do; it also credits parameters for being pulled back to their anchors.
+    ``gradient``: which g enters ω. ``task`` (default) is the gradient of the task loss alone
+    (``p.grad`` before the module adds the closed-form penalties' gradient, minus that of any
+    other penalty, which the module then stores each step): ω then measures each parameter's
+    share of the drop in the *new task's* loss, as the paper intends. ``total`` is the gradient
+    the optimizer steps on, all penalties included, as some reference implementations do; it
+    also credits parameters for being pulled back to their anchors.
 
     Steps are counted in ``on_before_optimizer_step`` (gradients complete, before the update)
     and ``on_train_batch_end`` (after it), so with gradient accumulation ω grows once per real
@@ -50,32 +51,48 @@ class SI(QuadraticPenalty):
         # Within an experience only (checkpoints fall between experiences, where ω is zero):
         self.path: dict[str, Tensor] = {}  # ω, the running path integral
         self.start: dict[str, Tensor] = {}  # θ when the experience began
-        self._step: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None  # (g, θ before)
+        # the current step's gradient and parameters before it, in buffers reused every step
+        self._grad: dict[str, Tensor] = {}
+        self._before: dict[str, Tensor] = {}
+        self._pending = False  # a step's (g, θ before) is recorded and its update not yet seen
 
     def on_train_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         params = named_parameters(pl_module.model).items()
         self.path = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
         self.start = snapshot(pl_module.model)
-        self._step = None
+        self._grad = {n: torch.empty_like(p) for n, p in params}
+        self._before = {n: torch.empty_like(p) for n, p in params}
+        self._pending = False
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: ContinualModule, optimizer: Any
     ) -> None:
-        grads = {}
-        for n, p in named_parameters(pl_module.model).items():
-            g = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-            if self.gradient == "task" and n in pl_module.penalty_grads:
-                g -= pl_module.penalty_grads[n]
-            grads[n] = g
-        self._step = (grads, snapshot(pl_module.model))
+        # p.grad: the task loss's gradient plus that of the penalties without a closed form;
+        # the module adds the closed-form penalties' gradient after this hook
+        if self.gradient == "task":
+            adjust, sign = pl_module.graph_penalty_grads, -1.0
+        else:
+            adjust, sign = pl_module.closed_form_penalty_grads(), 1.0
+        with torch.no_grad():
+            for n, p in named_parameters(pl_module.model).items():
+                g = self._grad[n]
+                if p.grad is None:
+                    g.zero_()
+                else:
+                    g.copy_(p.grad)
+                if n in adjust:
+                    g.add_(adjust[n], alpha=sign)
+                self._before[n].copy_(p)
+        self._pending = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: ContinualModule, *args: Any) -> None:
-        if self._step is None:  # accumulating gradients: no update in this batch
+        if not self._pending:  # accumulating gradients: no update in this batch
             return
-        grads, before = self._step
-        for n, p in named_parameters(pl_module.model).items():
-            self.path[n] -= grads[n] * (p.detach() - before[n])
-        self._step = None
+        with torch.no_grad():
+            for n, p in named_parameters(pl_module.model).items():
+                step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
+                self.path[n].addcmul_(self._grad[n], step_back)  # ω += −g Δθ
+        self._pending = False
 
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         params = named_parameters(pl_module.model)

@@ -47,6 +47,20 @@ def test_lateral_inhibition_linear_time_equals_double_sum(shape):
     assert torch.allclose(fast, slow, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 2, 2)])
+def test_lateral_inhibition_gradient_equals_autograd_of_the_double_sum(shape):
+    """The hand-written backward pass against autograd through eq. 8 written out, and
+    against finite differences."""
+    torch.manual_seed(1)
+    h = (torch.rand(shape).double() * 2).requires_grad_()
+    g = torch.rand(shape).double().requires_grad_()
+    expected = torch.autograd.grad(lateral_by_definition(h, g), (h, g))
+    found = torch.autograd.grad(lateral_inhibition_loss([h], [g]), (h, g))
+    for e, f in zip(expected, found):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: lateral_inhibition_loss([a], [b]), (h, g))
+
+
 def test_inhibition_loss_is_eq_6_by_hand():
     g1 = torch.tensor([[0.2, 0.9, 0.5]])
     g2 = torch.tensor([[0.7, 0.1]])

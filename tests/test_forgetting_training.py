@@ -90,6 +90,8 @@ def test_composes_with_strategies_and_checkpoints_reload(tmp_path, strategy):
     gate = f"body.{sites(model)[0].name}.1.weight"
     if plugin is not None:  # the strategy consolidates the switch weights like any parameter
         assert gate in plugins[0].importance()
+        # state is plain data: a graph kept alive here would grow memory with every task
+        assert not any(v.requires_grad for v in plugins[0].importance().values())
 
     fresh = build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=(32,))
     ForgettingLayerCallback(rho=2.0).attach(fresh)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import afmbench
@@ -74,7 +75,15 @@ def test_strategy_and_forgetting_layer_histograms_through_the_cli(tmp_path):
     out = run_cli("run", "strategy=ewc", "forgetting=on", "scenario.n_experiences=2", "trainer.max_epochs=1",
                   f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    final = [r for r in history(_run_file(tmp_path)) if "eval/tasks_learned" in r][-1]
+    rows = history(_run_file(tmp_path))
+    # EWC's penalty enters training through its closed-form gradient, yet is logged as a
+    # value, and the logged total is the task loss plus every penalty
+    steps = [r for r in rows if "train/penalty/ewc" in r]
+    assert steps and all(r["train/penalty/ewc"] > 0 for r in steps)
+    for r in steps:
+        parts = r["train/task_loss"] + r["train/penalty/ewc"] + r["train/penalty/forgetting"]
+        assert r["train/loss"] == pytest.approx(parts, rel=1e-5)
+    final = [r for r in rows if "eval/tasks_learned" in r][-1]
     importance = {
         k.split("/")[2] for k in final if k.startswith("importance/ewc/") and k.endswith("/_type")
     }

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afmbench.forgetting.layer import attach
 from afmbench.models import lenet, mlp
 from afmbench.persample import per_sample_grad_sums
 
@@ -96,6 +97,29 @@ def test_gate_weights_inside_an_mlp_take_the_general_path(data) -> None:
     assert expected["body.3.weight"].abs().sum() > 0
     # constants: a penalty built from them must not reach back into this pass's graph
     assert not any(s.requires_grad for s in sums.values())
+
+
+@pytest.mark.parametrize("mode", ["shortcut", "gate"])
+@pytest.mark.parametrize("reduction", ["square", "abs"])
+def test_forgetting_layer_switches_get_their_own_fast_path(data, mode, reduction) -> None:
+    """The layer's ``per_sample_grads`` against the hand loop, on dense units and on conv
+    feature maps (summed over positions); no parameter is left to the vmap path."""
+    phi = {"square": torch.square, "abs": torch.abs}[reduction]
+    torch.manual_seed(3)
+    conv = lenet((1, 6, 6), (2, 3), channels=(2, 3), hidden=(5,))
+    for model in (small_mlp(), conv):
+        for layer in attach(model, rho=2.0, mode=mode):
+            nn.init.normal_(layer.weight)  # away from zero, where every switch reads 0.5
+        model.eval()
+        expected = hand_loop(model, all_classes, *data, phi)
+        sums = per_sample_grad_sums(model, all_classes, data, reduction)
+        assert_same(sums, expected)
+        assert not any(s.requires_grad for s in sums.values())  # no graph kept alive
+    switches = [n for n in expected if n.endswith(".1.weight")]
+    assert switches and all(expected[n].abs().sum() > 0 for n in switches)
+    model = small_mlp()
+    attach(model)
+    per_sample_grad_sums(model, nll, data, method="linear")  # raises if anything needs vmap
 
 
 def test_a_linear_called_twice_is_not_given_the_fast_path(data) -> None:

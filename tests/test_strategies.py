@@ -160,8 +160,10 @@ def test_penalty_value_and_gradient_match_the_closed_form() -> None:
     for (n, p), g in zip(theta.items(), grads):
         closed = sum(3.0 * t.importance[n] * (p - t.anchor[n]) for t in plugin.terms)
         torch.testing.assert_close(g, closed.detach(), msg=n)
-    # the closed form the module uses for SI's task gradient is the same gradient
-    assert_close(plugin.penalty_grad(module), dict(zip(theta, grads)))
+    # the closed form the module adds after the backward pass is the same gradient, scaled
+    added = {n: torch.ones_like(p) for n, p in theta.items()}
+    plugin.add_penalty_grad(module, added, alpha=0.5)
+    assert_close(added, {n: 1 + 0.5 * g for n, g in zip(theta, grads)})
 
 
 def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
@@ -182,12 +184,14 @@ def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
         for p in module.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     plugins = [ewc, mas, Pull()]
-    terms = {p.name: p.penalty(module) for p in plugins}
     module.plugins = lambda: plugins
-    module._store_penalty_grads(terms)
     theta = params(module.model)
-    expected = torch.autograd.grad(sum(terms.values()), list(theta.values()))
-    assert_close(module.penalty_grads, dict(zip(theta, expected)))
+    expected = torch.autograd.grad(sum(p.penalty(module) for p in plugins), list(theta.values()))
+    # closed form (EWC, MAS) + autograd of the rest (what SI's task gradient takes out)
+    closed = module.closed_form_penalty_grads()
+    graph = module._grads_of(plugins[2].penalty(module))
+    assert set(closed) == set(theta) and set(graph) == set(theta)
+    assert_close({n: closed[n] + graph[n] for n in theta}, dict(zip(theta, expected)))
 
 
 # -- MAS ---------------------------------------------------------------------------------
@@ -315,7 +319,7 @@ class Quadratic(nn.Module):
 
 def test_si_path_integral_equals_each_parameters_drop_in_a_quadratic_loss() -> None:
     model = Quadratic()
-    module = SimpleNamespace(model=model, penalty_grads={}, device=torch.device("cpu"))
+    module = SimpleNamespace(model=model, graph_penalty_grads={}, device=torch.device("cpu"))
     plugin = SI(c=1.0, xi=1e-6)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.004)
     start = model.per_parameter_loss().detach()
@@ -336,7 +340,7 @@ def test_si_path_integral_equals_each_parameters_drop_in_a_quadratic_loss() -> N
 
 def test_si_skips_batches_without_an_optimizer_step() -> None:
     model = Quadratic()
-    module = SimpleNamespace(model=model, penalty_grads={}, device=torch.device("cpu"))
+    module = SimpleNamespace(model=model, graph_penalty_grads={}, device=torch.device("cpu"))
     plugin = SI()
     plugin.on_train_start(None, module)
     with torch.no_grad():
@@ -346,11 +350,16 @@ def test_si_skips_batches_without_an_optimizer_step() -> None:
 
 
 def test_si_task_gradient_removes_the_penalty_gradient() -> None:
+    """At SI's hook ``p.grad`` lacks the closed-form penalties (the module adds them next) and
+    holds the others: ``task`` takes the latter out, ``total`` adds the former."""
     model = Quadratic()
     module = SimpleNamespace(
-        model=model, penalty_grads={"theta": torch.ones(5)}, device=torch.device("cpu")
+        model=model,
+        graph_penalty_grads={"theta": torch.ones(5)},
+        closed_form_penalty_grads=lambda: {"theta": torch.full((5,), 2.0)},
+        device=torch.device("cpu"),
     )
-    for gradient, expected in (("task", model.h - 1.0), ("total", model.h)):
+    for gradient, expected in (("task", model.h - 1.0), ("total", model.h + 2.0)):
         plugin = SI(gradient=gradient)
         assert plugin.needs_penalty_grads == (gradient == "task")
         plugin.on_train_start(None, module)

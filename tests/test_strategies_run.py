@@ -116,3 +116,47 @@ def test_si_path_integral_matches_the_loss_drop_under_gradient_accumulation() ->
     assert second_task["path"] == pytest.approx(second_task["task"], rel=0.02)
     assert second_total["path"] == pytest.approx(second_total["total"], rel=0.02)
     assert second_task["task"] > second_task["total"] + 0.01  # the penalties did cost something
+
+
+class Decay(ContinualPlugin):
+    """A penalty without a closed form (weight decay through autograd)."""
+
+    name = "decay"
+
+    def penalty(self, module):
+        return 1e-3 * sum(p.square().sum() for p in module.model.parameters())
+
+
+def autograd_only(plugin: ContinualPlugin) -> ContinualPlugin:
+    """The same plugin with its closed-form gradient switched off: the module then keeps its
+    penalty in the autograd graph."""
+    plugin.closed_form_grad = False
+    return plugin
+
+
+@pytest.mark.parametrize(
+    ("protocol", "accumulate", "with_si"),
+    [("domain", 1, False), ("task", 2, True)],
+    ids=["domain", "task-accumulate2-si"],
+)
+def test_closed_form_penalty_gradients_train_exactly_like_autograd(
+    protocol: str, accumulate: int, with_si: bool
+) -> None:
+    """Two routes to the same training: penalties added to the gradients after the backward
+    pass (the default) and penalties inside the autograd graph. The task protocol's unused
+    heads get gradients from the penalties alone; SI needs the gradient of the penalties kept
+    in the graph (Decay's) taken out of its ω, a second code path."""
+    scenario = build_scenario("split_digits", n_experiences=5, protocol=protocol)
+
+    def plugins() -> list[ContinualPlugin]:
+        with_graph = [SI(c=1.0), Decay()] if with_si else []  # SI takes Decay's gradient out
+        return [EWC(lambda_=50.0), MAS(lambda_=0.1), *with_graph]
+
+    kwargs = {"max_epochs": 1, "trainer_kwargs": {"accumulate_grad_batches": accumulate}}
+    closed = train(scenario, plugins(), **kwargs)
+    graph = train(scenario, [autograd_only(p) for p in plugins()], **kwargs)
+    for (name, a), (_, b) in zip(
+        closed.module.model.named_parameters(), graph.module.model.named_parameters()
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert closed.metrics["acc"] == pytest.approx(graph.metrics["acc"], abs=1e-3)
