@@ -16,8 +16,13 @@ with one JSON line holding ``ratio_vs_plain`` and ``ratio_vs_avalanche`` (worst 
 scripts. Also measured: each method's overhead over naive, the share of each importance pass
 (vs one epoch of training), and memory after each experience.
 
-    python benchmarks/speed.py                 # full: 60 000 samples per experience
+    python benchmarks/speed.py --repeat 3      # full: 60 000 samples per experience, medians
     python benchmarks/speed.py --quick         # about a minute; prints the JSON line
+
+The plain loop uses the same arithmetic as afmbench wherever afmbench found a cheaper form
+(closed-form penalty gradients, the fused ANPyC score), so the ratio (a)/(b) measures the
+framework and nothing else. ``--repeat N`` runs the three contenders N times, interleaved,
+and reports each one's median run: single runs on a shared CPU vary by ±15 %.
 """
 
 from __future__ import annotations
@@ -363,8 +368,13 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--no-avalanche", action="store_true", help="skip Avalanche (c)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per contender; the median run is reported"
+    )
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report (full runs)")
     options = parser.parse_args()
+    if options.repeat < 1:
+        parser.error(f"--repeat {options.repeat}: give 1 or more runs per contender")
     data_root = Path(os.environ.get("AFMBENCH_DATA_DIR", "data"))
     limit = 10_000 if options.quick else None
     full = afmbench.build_scenario("permuted_mnist", n_experiences=TASKS, seed=options.seed)
@@ -378,9 +388,17 @@ def main() -> int:
 
     rows = []
     for name in options.strategies:
-        a = run_afmbench(name, scenario, options.seed)
-        b = run_plain(name, scenario, options.seed)
-        c = None if options.no_avalanche else run_avalanche(name, data_root, limit, options.seed)
+        runs: list[tuple[Timing, Timing, Timing | None]] = []
+        for _ in range(options.repeat):  # interleaved, so drifts in machine load hit all three
+            a = run_afmbench(name, scenario, options.seed)
+            b = run_plain(name, scenario, options.seed)
+            c = (
+                None
+                if options.no_avalanche
+                else run_avalanche(name, data_root, limit, options.seed)
+            )
+            runs.append((a, b, c))
+        a, b, c = (median_run([r[i] for r in runs]) for i in range(3))
         rows.append((name, a, b, c))
         print(_line(name, a, b, c), flush=True)
     text = _report(rows, options, limit)
@@ -390,6 +408,12 @@ def main() -> int:
     if options.quick:
         print(json.dumps(_summary(rows)))
     return 0
+
+
+def median_run(runs: list[Timing | None]) -> Timing | None:
+    """The run with the median wall time (the upper median for an even count)."""
+    done = sorted((r for r in runs if r is not None), key=lambda r: r.seconds)
+    return done[len(done) // 2] if done else None
 
 
 def _summary(rows) -> dict[str, Any]:
@@ -419,6 +443,7 @@ def _report(rows, options, limit: int | None) -> str:
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
     command = "python benchmarks/speed.py" + (" --quick" if options.quick else "")
+    command += f" --repeat {options.repeat}" if options.repeat > 1 else ""
     samples = f"{limit:,}" if limit else "60,000"
     by_name = {name: a for name, a, _, _ in rows}
     naive = by_name.get("naive")
@@ -428,7 +453,12 @@ def _report(rows, options, limit: int | None) -> str:
         f"Permuted MNIST, {TASKS} tasks x 1 epoch, {samples} training samples per task, "
         f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, SGD lr {LR} momentum "
         f"{MOMENTUM}; evaluation on every test set after every task. Seconds are wall time "
-        "end to end (afmbench: including its run folder, checkpoints and importance passes).",
+        "end to end (afmbench: including its run folder, checkpoints and importance passes)"
+        + (
+            f"; each cell is the median of {options.repeat} interleaved runs."
+            if options.repeat > 1
+            else "."
+        ),
         "",
         f"Machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU only. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`",
