@@ -54,11 +54,9 @@ class ContinualPlugin(Callback):
         """The term this plugin adds to the loss for the current batch (None: nothing)."""
         return None
 
-    def add_penalty_grad(
-        self, module: ContinualModule, grads: dict[str, Tensor], alpha: float = 1.0
-    ) -> None:
-        """Add ``alpha`` times the gradient of :meth:`penalty` into ``grads[name]`` in place
-        (a missing entry starts at zero). Only called where :attr:`closed_form_grad` is set."""
+    def add_penalty_grad(self, module: ContinualModule, grads: dict[str, Tensor]) -> None:
+        """Add the gradient of :meth:`penalty` into ``grads[name]`` in place (a missing entry
+        starts at zero). Only called where :attr:`closed_form_grad` is set."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form penalty gradient")
 
     def importance(self) -> dict[str, Tensor]:

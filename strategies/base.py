@@ -72,13 +72,11 @@ class QuadraticPenalty(ContinualPlugin):
                 total = total + (omega * (theta - term.anchor[name]).square()).sum()
         return self.strength * total
 
-    def add_penalty_grad(
-        self, module: ContinualModule, grads: dict[str, Tensor], alpha: float = 1.0
-    ) -> None:
-        """``grads[k] += alpha · 2 · strength · Σ_terms Ω_k (θ_k − θ*_k)``, one fused update per
+    def add_penalty_grad(self, module: ContinualModule, grads: dict[str, Tensor]) -> None:
+        """``grads[k] += 2 · strength · Σ_terms Ω_k (θ_k − θ*_k)``, one fused update per
         parameter and term."""
         params = named_parameters(module.model)
-        scale = 2 * self.strength * alpha
+        scale = 2 * self.strength
         with torch.no_grad():
             for term in self.terms_on(module.device):
                 for name, omega in term.importance.items():

@@ -160,10 +160,10 @@ def test_penalty_value_and_gradient_match_the_closed_form() -> None:
     for (n, p), g in zip(theta.items(), grads):
         closed = sum(3.0 * t.importance[n] * (p - t.anchor[n]) for t in plugin.terms)
         torch.testing.assert_close(g, closed.detach(), msg=n)
-    # the closed form the module adds after the backward pass is the same gradient, scaled
+    # the closed form the module adds before the optimizer step is the same gradient, added
     added = {n: torch.ones_like(p) for n, p in theta.items()}
-    plugin.add_penalty_grad(module, added, alpha=0.5)
-    assert_close(added, {n: 1 + 0.5 * g for n, g in zip(theta, grads)})
+    plugin.add_penalty_grad(module, added)
+    assert_close(added, {n: 1 + g for n, g in zip(theta, grads)})
 
 
 def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
