@@ -103,13 +103,8 @@ class ContinualModule(LightningModule):
         """
         x, y, t = batch
         task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
-        terms = {}
-        for plugin in self.plugins():
-            if closed_form and plugin.closed_form_grad:
-                continue
-            term = plugin.penalty(self)
-            if term is not None:
-                terms[plugin.name] = term
+        in_graph = [p for p in self.plugins() if not (closed_form and p.closed_form_grad)]
+        terms = self._penalties(in_graph)
         return (task_loss + sum(terms.values()) if terms else task_loss), task_loss, terms
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -129,7 +124,7 @@ class ContinualModule(LightningModule):
             # only on the steps Lightning writes to a logger, and only if a logger or the
             # progress bar reads them: self.log costs ~0.5 ms a call
             with torch.no_grad():
-                closed = self._closed_form_values()
+                closed = self._penalties(self._closed_form_plugins())
             self.log("train/loss", loss.detach() + sum(closed.values()), prog_bar=True)
             self.log("train/task_loss", task_loss)
             for name, term in {**terms, **closed}.items():
@@ -163,9 +158,10 @@ class ContinualModule(LightningModule):
     def _closed_form_plugins(self) -> list[ContinualPlugin]:
         return [p for p in self.plugins() if p.closed_form_grad]
 
-    def _closed_form_values(self) -> dict[str, Tensor]:
+    def _penalties(self, plugins: list[ContinualPlugin]) -> dict[str, Tensor]:
+        """Each plugin's penalty for the current batch by name (plugins with none left out)."""
         values = {}
-        for plugin in self._closed_form_plugins():
+        for plugin in plugins:
             value = plugin.penalty(self)
             if value is not None:
                 values[plugin.name] = value
