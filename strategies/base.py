@@ -55,6 +55,8 @@ class QuadraticPenalty(ContinualPlugin):
 
     def __init__(self) -> None:
         self.terms: list[Term] = []
+        # (the terms it was made from, the device, the merged terms): see merged_terms
+        self._merged: tuple[list[Term], torch.device, list[Term]] | None = None
 
     def __repr__(self) -> str:
         """``EWC(lambda_=100.0, ...)``: the run's identity hashes it, so no object address."""
@@ -74,16 +76,43 @@ class QuadraticPenalty(ContinualPlugin):
 
     def add_penalty_grad(self, module: ContinualModule, grads: dict[str, Tensor]) -> None:
         """``grads[k] += 2 · strength · Σ_terms Ω_k (θ_k − θ*_k)``, one fused update per
-        parameter and term."""
+        parameter, whatever the number of terms (see :meth:`merged_terms`)."""
         params = named_parameters(module.model)
         scale = 2 * self.strength
         with torch.no_grad():
-            for term in self.terms_on(module.device):
+            for term in self.merged_terms(module.device):
                 for name, omega in term.importance.items():
                     theta = _param(params, name, self.name)
                     if name not in grads:
                         grads[name] = torch.zeros_like(theta)
                     grads[name].addcmul_(omega, theta - term.anchor[name], value=scale)
+
+    def merged_terms(self, device: torch.device) -> list[Term]:
+        """:attr:`terms` as one term with the same gradient, so a step costs the same after
+        ten experiences as after one (separate-mode EWC keeps a term per experience).
+
+        With every Ω ≥ 0, ``Σ_t Ω_t (θ − θ*_t) = Ω̄ (θ − θ̄)`` for ``Ω̄ = Σ_t Ω_t`` and the
+        Ω-weighted mean anchor ``θ̄ = Σ_t Ω_t θ*_t / Ω̄`` (any value where ``Ω̄ = 0``). Written
+        around θ̄, the gradient subtracts nearby numbers as the per-term form does, not two
+        large sums (``Ω̄ θ − Σ_t Ω_t θ*_t`` would cancel in float32), and a mean with
+        non-negative weights is itself well conditioned. The penalty's *value* differs by a
+        constant, so :meth:`penalty` keeps the terms. Computed once per change of
+        :attr:`terms`; with a negative Ω (no centre exists) the terms are used as they are.
+        """
+        terms = self.terms_on(device)
+        if len(terms) < 2:
+            return terms
+        if self._merged is not None:
+            made_from, on, merged = self._merged
+            same = len(made_from) == len(terms) and all(a is b for a, b in zip(made_from, terms))
+            if same and on == device:
+                return merged
+        if any((omega < 0).any() for t in terms for omega in t.importance.values()):
+            merged = terms
+        else:
+            merged = [Term(*_centred(terms))]
+        self._merged = (list(terms), device, merged)
+        return merged
 
     def importance(self) -> dict[str, Tensor]:
         summed: dict[str, Tensor] = {}
@@ -136,6 +165,19 @@ def named_parameters(model: nn.Module) -> dict[str, Tensor]:
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     """A detached copy of every trainable parameter (an anchor θ*)."""
     return {n: p.detach().clone() for n, p in named_parameters(model).items()}
+
+
+def _centred(terms: list[Term]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(Σ_t Ω_t, Σ_t Ω_t θ*_t / Σ_t Ω_t)`` per name, the centre set to 0 where Σ Ω = 0."""
+    total: dict[str, Tensor] = {}
+    centre: dict[str, Tensor] = {}
+    for name in dict.fromkeys(n for t in terms for n in t.importance):
+        having = [t for t in terms if name in t.importance]
+        weight = sum(t.importance[name] for t in having)
+        moment = sum(t.importance[name] * t.anchor[name] for t in having)
+        total[name] = weight
+        centre[name] = torch.where(weight > 0, moment / weight, 0.0)
+    return total, centre
 
 
 def cpu(table: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from afmbench.errors import ConfigError
 from afmbench.models import ContinualModel, mlp
 from afmbench.module import ContinualModule
 from afmbench.strategies import EWC, MAS, SI, ANPyC
+from afmbench.strategies.base import Term
 
 TASK = 1  # head 1 has 3 classes, head 0 has 4: the pass must ignore MultiHead's -inf padding
 N_SAMPLES = 13
@@ -164,6 +165,51 @@ def test_penalty_value_and_gradient_match_the_closed_form() -> None:
     added = {n: torch.ones_like(p) for n, p in theta.items()}
     plugin.add_penalty_grad(module, added)
     assert_close(added, {n: 1 + g for n, g in zip(theta, grads)})
+
+
+def test_many_terms_give_one_merged_gradient_equal_to_the_sum_over_terms() -> None:
+    """Separate-mode EWC's gradient goes through one merged term (Σ Ω, Ω-weighted mean
+    anchor): the same as the per-term sum, rebuilt when a term is added or state is loaded,
+    and bypassed when a negative Ω leaves no centre."""
+    module = make_module()
+    theta = params(module.model)
+    generator = torch.Generator().manual_seed(3)
+
+    def term(negative: bool = False) -> Term:
+        omega = {n: torch.rand(p.shape, generator=generator) for n, p in theta.items()}
+        for w in omega.values():  # exact zeros where no task cares: the centre is undefined
+            w[torch.rand(w.shape, generator=generator) < 0.3] = 0.0
+            if negative:
+                w[0] = -w[0].abs() - 0.1
+        anchor = {
+            n: p.detach() + torch.randn(p.shape, generator=generator) for n, p in theta.items()
+        }
+        return Term(omega, anchor)
+
+    def per_term() -> dict[str, Tensor]:
+        return {
+            n: sum(2 * 1.5 * t.importance[n] * (p.detach() - t.anchor[n]) for t in plugin.terms)
+            for n, p in theta.items()
+        }
+
+    def added() -> dict[str, Tensor]:
+        grads: dict[str, Tensor] = {}
+        plugin.add_penalty_grad(module, grads)
+        return grads
+
+    plugin = EWC(lambda_=3.0)
+    plugin.terms = [term(), term(), term()]
+    assert len(plugin.merged_terms(module.device)) == 1
+    assert_close(added(), per_term())
+    plugin.terms.append(term())  # a new experience: the merged term is rebuilt
+    assert_close(added(), per_term())
+    restored = EWC(lambda_=3.0)
+    restored.load_state_dict(plugin.state_dict())
+    plugin = restored
+    assert_close(added(), per_term())
+    plugin.terms = [term(), term(negative=True)]
+    assert plugin.merged_terms(module.device) == plugin.terms
+    assert_close(added(), per_term())
 
 
 def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
