@@ -18,11 +18,13 @@ scripts. Also measured: each method's overhead over naive, the share of each imp
 
     python benchmarks/speed.py --repeat 3      # full: 60 000 samples per experience, medians
     python benchmarks/speed.py --quick         # about a minute; prints the JSON line
+    python benchmarks/speed.py --device cuda   # on a GPU (the default when there is one)
 
 The plain loop uses the same arithmetic as afmbench wherever afmbench found a cheaper form
 (closed-form penalty gradients, the fused ANPyC score), so the ratio (a)/(b) measures the
 framework and nothing else. ``--repeat N`` runs the three contenders N times, interleaved,
-and reports each one's median run: single runs on a shared CPU vary by ±15 %.
+and reports each one's median run: single runs on a shared CPU vary by ±15 %. All three
+contenders train on ``--device``; a GPU run's table is written to its own block of the report.
 """
 
 from __future__ import annotations
@@ -103,31 +105,32 @@ class _Clock(ContinualPlugin):
         self.timing, self.plugins = timing, plugins
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
+        self.started = clock(pl_module.device)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.ended = time.perf_counter()
+        self.ended = clock(pl_module.device)
         self.timing.epoch_s.append(self.ended - self.started)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.timing.importance_s.append(time.perf_counter() - self.ended)
-        self.timing.memory_mb.append(_memory_mb())
+        self.timing.importance_s.append(clock(pl_module.device) - self.ended)
+        self.timing.memory_mb.append(_memory_mb(pl_module.device))
         self.timing.state_mb.append(sum(_tensor_mb(p.state_dict()) for p in self.plugins))
 
 
-def run_afmbench(name: str, scenario, seed: int) -> Timing:
+def run_afmbench(name: str, scenario, seed: int, device: torch.device) -> Timing:
     seed_everything(seed, verbose=False)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=HIDDEN)
     plugins = _plugins(name)
     timing = Timing(0.0, 0.0)
     with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
+        started = start_clock(device)
         result = afmbench.run(
             scenario, model, [*plugins, _Clock(timing, plugins)], max_epochs=1, batch_size=BATCH,
             seed=seed, optimizer=afmbench.OptimizerConfig(lr=LR, momentum=MOMENTUM),
             run_dir=folder, verbose=False,
+            trainer_kwargs={"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1},
         )  # fmt: skip
-        timing.seconds = time.perf_counter() - started
+        timing.seconds = clock(device) - started
     timing.acc = result.metrics["acc"]
     return timing
 
@@ -142,28 +145,31 @@ def _plugins(name: str) -> list[ContinualPlugin]:
 
 
 # -- (b) the plain loop ----------------------------------------------------------------
-def run_plain(name: str, scenario, seed: int) -> Timing:
-    """The same training as (a) with nothing but PyTorch: tensors, model, optimizer, math."""
+def run_plain(name: str, scenario, seed: int, device: torch.device) -> Timing:
+    """The same training as (a) with nothing but PyTorch: tensors, model, optimizer, math.
+    Each experience's data is moved to ``device`` once, before its epoch (afmbench moves
+    each batch)."""
     seed_everything(seed, verbose=False)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=HIDDEN)
     gates = attach(model, LAYER["rho"], LAYER["mode"]) if name == "ewc+fl" else []
+    model.to(device)
     params = dict(model.named_parameters())
     terms: list[tuple[dict, dict]] = []  # (Ω, θ*) pairs of the quadratic penalty
     # the first setting is each method's strength; EWC's penalty carries a 1/2
     strength = next(iter(SETTINGS[name].values()), 0.0) * (0.5 if "ewc" in name else 1.0)
-    tests = [scenario.test(j) for j in range(scenario.n_experiences)]
+    tests = [on(scenario.test(j), device) for j in range(scenario.n_experiences)]
     timing = Timing(0.0, 0.0)
-    started = time.perf_counter()
+    started = start_clock(device)
     seed_everything(experience_seed(seed, -1), verbose=False)
     _accuracies(model, tests)  # the untrained baseline, as afmbench measures it
     for step in range(scenario.n_experiences):
         seed_everything(experience_seed(seed, step), verbose=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        split = scenario.train(step)
+        split = on(scenario.train(step), device)
         path = {n: torch.zeros_like(p) for n, p in params.items()}
         start = {n: p.detach().clone() for n, p in params.items()}
         model.train()
-        epoch_started = time.perf_counter()
+        epoch_started = clock(device)
         grad_buf = {n: torch.empty_like(p) for n, p in params.items()}  # SI's g and θ before
         before = {n: torch.empty_like(p) for n, p in params.items()}
         for x, y, _ in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
@@ -193,8 +199,8 @@ def run_plain(name: str, scenario, seed: int) -> Timing:
                         path[n].addcmul_(grad_buf[n], before[n].sub_(p))
             for gate in gates:
                 gate.forget_batch()
-        timing.epoch_s.append(time.perf_counter() - epoch_started)
-        pass_started = time.perf_counter()
+        timing.epoch_s.append(clock(device) - epoch_started)
+        pass_started = clock(device)
         terms = _consolidate(name, model, split, terms, path, start)
         if gates:  # Ω per unit over the experience, then the sparsity probe on 2048 samples
             neuron_importance(model, TensorLoader(split, PASS_BATCH))
@@ -203,12 +209,12 @@ def run_plain(name: str, scenario, seed: int) -> Timing:
                 TensorLoader(tuple(t[:SPARSITY_SAMPLES] for t in split), PASS_BATCH),
                 "active",
             )
-        timing.importance_s.append(time.perf_counter() - pass_started)
+        timing.importance_s.append(clock(device) - pass_started)
         _accuracies(model, tests)
-        timing.memory_mb.append(_memory_mb())
+        timing.memory_mb.append(_memory_mb(device))
         timing.state_mb.append(sum(_tensor_mb(t) for t in terms))
-    timing.seconds = time.perf_counter() - started
-    timing.acc = float(np.mean(_accuracies(model, tests)))
+    timing.seconds = clock(device) - started
+    timing.acc = float(np.mean(_accuracies(model, tests)))  # evaluated above: not timed
     return timing
 
 
@@ -261,6 +267,7 @@ def _mean_over(split, stats: Callable, batch: int = PASS_BATCH, per_batch: bool 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _accuracies(model, tests) -> list[float]:
     model.eval()
     accs = []
@@ -277,7 +284,9 @@ def _accuracies(model, tests) -> list[float]:
 AVALANCHE = {"naive": "Naive", "ewc": "EWC", "si": "SynapticIntelligence", "mas": "MAS"}
 
 
-def run_avalanche(name: str, data_root: Path, limit: int | None, seed: int) -> Timing | None:
+def run_avalanche(
+    name: str, data_root: Path, limit: int | None, seed: int, device: torch.device
+) -> Timing | None:
     if name not in AVALANCHE:
         return None
     import copy
@@ -304,10 +313,11 @@ def run_avalanche(name: str, data_root: Path, limit: int | None, seed: int) -> T
     strategy = getattr(supervised, AVALANCHE[name])(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM),
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=BATCH, train_epochs=1, eval_mb_size=EVAL_BATCH,
-        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]), **extra,
+        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]), device=device,
+        **extra,
     )  # fmt: skip
     timing = Timing(0.0, 0.0)
-    started = time.perf_counter()
+    started = start_clock(device)
     for experience in benchmark.train_stream:
         if limit is not None:
             experience = copy.copy(experience)
@@ -316,8 +326,8 @@ def run_avalanche(name: str, data_root: Path, limit: int | None, seed: int) -> T
             )
         strategy.train(experience)
         results = strategy.eval(benchmark.test_stream)
-        timing.memory_mb.append(_memory_mb())
-    timing.seconds = time.perf_counter() - started
+        timing.memory_mb.append(_memory_mb(device))
+    timing.seconds = clock(device) - started
     timing.acc = float(next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream")))
     return timing
 
@@ -334,10 +344,29 @@ def _tensor_mb(state: Any) -> float:
     return 0.0
 
 
-def _memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def _memory_mb(device: torch.device) -> float:
+    """The process's RSS, or on a GPU the peak memory allocated since the run began."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return psutil.Process().memory_info().rss / 2**20
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def start_clock(device: torch.device) -> float:
+    """:func:`clock` at the start of a contender's run, whose peak GPU memory starts here."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return clock(device)
+
+
+def on(split: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in split)
 
 
 class Limited:
@@ -369,12 +398,21 @@ def main() -> int:
     parser.add_argument("--no-avalanche", action="store_true", help="skip Avalanche (c)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="where all three contenders train (default: cuda when there is a GPU)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs per contender; the median run is reported"
     )
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report (full runs)")
     options = parser.parse_args()
     if options.repeat < 1:
         parser.error(f"--repeat {options.repeat}: give 1 or more runs per contender")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here; use --device cpu")
+    device = torch.device(options.device)
     data_root = Path(os.environ.get("AFMBENCH_DATA_DIR", "data"))
     limit = 10_000 if options.quick else None
     full = afmbench.build_scenario("permuted_mnist", n_experiences=TASKS, seed=options.seed)
@@ -383,19 +421,19 @@ def main() -> int:
     # Warm-up, untimed: first calls pay for lazy imports, allocator growth and vmap tracing.
     warm = Limited(full, 2048)
     for name in ("naive", "ewc+fl"):
-        run_afmbench(name, warm, options.seed)
-        run_plain(name, warm, options.seed)
+        run_afmbench(name, warm, options.seed, device)
+        run_plain(name, warm, options.seed, device)
 
     rows = []
     for name in options.strategies:
         runs: list[tuple[Timing, Timing, Timing | None]] = []
         for _ in range(options.repeat):  # interleaved, so drifts in machine load hit all three
-            a = run_afmbench(name, scenario, options.seed)
-            b = run_plain(name, scenario, options.seed)
+            a = run_afmbench(name, scenario, options.seed, device)
+            b = run_plain(name, scenario, options.seed, device)
             c = (
                 None
                 if options.no_avalanche
-                else run_avalanche(name, data_root, limit, options.seed)
+                else run_avalanche(name, data_root, limit, options.seed, device)
             )
             runs.append((a, b, c))
         a, b, c = (median_run([r[i] for r in runs]) for i in range(3))
@@ -403,7 +441,8 @@ def main() -> int:
         print(_line(name, a, b, c), flush=True)
     text = _report(rows, options, limit)
     if not options.quick:
-        write_block(Path(options.output), "speed", text)
+        # the GPU table goes in a block of its own, next to the CPU one
+        write_block(Path(options.output), f"speed-{device.type}".replace("-cpu", ""), text)
     print(text)
     if options.quick:
         print(json.dumps(_summary(rows)))
@@ -440,9 +479,14 @@ def _line(name: str, a: Timing, b: Timing, c: Timing | None) -> str:
 
 def _report(rows, options, limit: int | None) -> str:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    if torch.cuda.is_available():
-        machine += f", {torch.cuda.get_device_name()}"
+    if options.device == "cuda":
+        where = f"on {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+        memory = "peak CUDA MB allocated after each task"
+    else:
+        where = "CPU only"
+        memory = "RSS MB after each task"
     command = "python benchmarks/speed.py" + (" --quick" if options.quick else "")
+    command += " --device cuda" if options.device == "cuda" else ""
     command += f" --repeat {options.repeat}" if options.repeat > 1 else ""
     samples = f"{limit:,}" if limit else "60,000"
     by_name = {name: a for name, a, _, _ in rows}
@@ -461,11 +505,11 @@ def _report(rows, options, limit: int | None) -> str:
         ),
         "",
         f"Machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU only. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`",
+        f"{where}. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`",
         "",
         "| strategy | afmbench s | plain loop s | Avalanche s | afmbench / plain "
         "| Avalanche / afmbench | ACC afmbench | ACC plain | ACC Avalanche | time over naive "
-        "| importance pass / epoch | plugin state MB after each task | RSS MB after each task |",
+        f"| importance pass / epoch | plugin state MB after each task | {memory} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a, b, c in rows:
