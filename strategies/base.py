@@ -96,21 +96,25 @@ class QuadraticPenalty(ContinualPlugin):
         around θ̄, the gradient subtracts nearby numbers as the per-term form does, not two
         large sums (``Ω̄ θ − Σ_t Ω_t θ*_t`` would cancel in float32), and a mean with
         non-negative weights is itself well conditioned. The penalty's *value* differs by a
-        constant, so :meth:`penalty` keeps the terms. Computed once per change of
-        :attr:`terms`; with a negative Ω (no centre exists) the terms are used as they are.
+        constant, so :meth:`penalty` keeps the terms. Computed (and the terms moved to
+        ``device``) once per change of :attr:`terms`; with a single term, or a negative Ω (no
+        centre exists), the terms are used as they are.
         """
-        terms = self.terms_on(device)
-        if len(terms) < 2:
-            return terms
-        if self._merged is not None:
+        if self._merged is not None:  # checked first: this runs on every optimizer step
             made_from, on, merged = self._merged
-            same = len(made_from) == len(terms) and all(a is b for a, b in zip(made_from, terms))
+            same = len(made_from) == len(self.terms) and all(
+                a is b for a, b in zip(made_from, self.terms)
+            )
             if same and on == device:
                 return merged
-        if any((omega < 0).any() for t in terms for omega in t.importance.values()):
+        terms = self.terms_on(device)
+        if len(terms) < 2 or any(
+            (omega < 0).any() for t in terms for omega in t.importance.values()
+        ):
             merged = terms
         else:
-            merged = [Term(*_centred(terms))]
+            total = self.importance()
+            merged = [Term(total, _centre(terms, total))]
         self._merged = (list(terms), device, merged)
         return merged
 
@@ -167,17 +171,14 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in named_parameters(model).items()}
 
 
-def _centred(terms: list[Term]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(Σ_t Ω_t, Σ_t Ω_t θ*_t / Σ_t Ω_t)`` per name, the centre set to 0 where Σ Ω = 0."""
-    total: dict[str, Tensor] = {}
-    centre: dict[str, Tensor] = {}
-    for name in dict.fromkeys(n for t in terms for n in t.importance):
-        having = [t for t in terms if name in t.importance]
-        weight = sum(t.importance[name] for t in having)
-        moment = sum(t.importance[name] * t.anchor[name] for t in having)
-        total[name] = weight
-        centre[name] = torch.where(weight > 0, moment / weight, 0.0)
-    return total, centre
+def _centre(terms: list[Term], total: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``Σ_t Ω_t θ*_t / Σ_t Ω_t`` per name, given ``total = Σ_t Ω_t``; 0 where the total is 0."""
+    moment: dict[str, Tensor] = {}
+    for term in terms:
+        for name, omega in term.importance.items():
+            weighted = omega * term.anchor[name]
+            moment[name] = moment[name] + weighted if name in moment else weighted
+    return {n: torch.where(total[n] > 0, moment[n] / total[n], 0.0) for n in total}
 
 
 def cpu(table: dict[str, Tensor]) -> dict[str, Tensor]:
