@@ -16,7 +16,7 @@ with one JSON line holding ``ratio_vs_plain`` and ``ratio_vs_avalanche`` (worst 
 scripts. Also measured: each method's overhead over naive, the share of each importance pass
 (vs one epoch of training), and memory after each experience.
 
-    python benchmarks/speed.py --repeat 3      # full: 60 000 samples per experience, medians
+    python benchmarks/speed.py --repeat 5      # full: 60 000 samples per experience, 5 rounds
     python benchmarks/speed.py --quick         # about a minute; prints the JSON line
     python benchmarks/speed.py --device cuda   # on a GPU (the default when there is one)
 
