@@ -65,6 +65,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def named_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The model's trainable parameters by name (the keys of every per-parameter table)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ConfigError(

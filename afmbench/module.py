@@ -14,7 +14,7 @@ from afmbench.config import OptimizerConfig
 from afmbench.errors import DivergenceError
 from afmbench.loader import TensorLoader
 from afmbench.metrics import AccuracyMatrix
-from afmbench.models import ContinualModel
+from afmbench.models import ContinualModel, named_parameters
 from afmbench.plugin import ContinualPlugin
 from afmbench.scenarios.base import Split
 
@@ -139,7 +139,7 @@ class ContinualModule(LightningModule):
         plugins = self._closed_form_plugins()
         if not plugins:
             return
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = named_parameters(self.model)
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         for plugin in plugins:
             plugin.add_penalty_grad(self, grads)
@@ -169,11 +169,11 @@ class ContinualModule(LightningModule):
 
     def _grads_of(self, value: Tensor) -> dict[str, Tensor]:
         """``∂value/∂θ`` per trainable parameter name, keeping the graph for the backward pass."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = named_parameters(self.model)
         found = torch.autograd.grad(
-            value, [p for _, p in named], retain_graph=True, allow_unused=True
+            value, list(params.values()), retain_graph=True, allow_unused=True
         )
-        return {name: grad for (name, _), grad in zip(named, found) if grad is not None}
+        return {name: grad for name, grad in zip(params, found) if grad is not None}
 
     def validation_step(
         self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0

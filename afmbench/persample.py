@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from afmbench.models import named_parameters
+
 Terms = Callable[..., Tensor]
 """``terms(model, *inputs) -> (B, K)``: row ``i`` must depend on sample ``i`` only (no batch
 statistics: run the model in eval mode). Each column is differentiated separately, so a
@@ -56,7 +58,7 @@ def per_sample_grad_sums(
     general path for all parameters (for checking the fast one).
     """
     phi = _REDUCTIONS[reduction]
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = named_parameters(model)
     sums: dict[str, Tensor] = {}
     with torch.enable_grad():
         if method != "vmap":

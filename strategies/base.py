@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from afmbench.config import require
+from afmbench.models import named_parameters
 from afmbench.plugin import ContinualPlugin
 
 if TYPE_CHECKING:
@@ -159,11 +160,6 @@ class QuadraticPenalty(ContinualPlugin):
 def check(valid: bool, key: str, value: Any, rule: str, example: Any) -> None:
     """One :class:`ConfigError` for a bad constructor value, naming the key and an example."""
     require(valid, f"strategy.{key}={value} {rule}", f"e.g. strategy.{key}={example}")
-
-
-def named_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """The model's trainable parameters by name."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
