@@ -23,9 +23,10 @@ scripts. Also measured: each method's overhead over naive, the share of each imp
 The plain loop uses the same arithmetic as afmbench wherever afmbench found a cheaper form
 (closed-form penalty gradients, the fused ANPyC score), so the ratio (a)/(b) measures the
 framework and nothing else. ``--repeat N`` runs N rounds over every strategy and contender,
-each round from the next training seed (the permutations stay those of ``--seed``), and
-reports each one's median run with the mean ACC over the N seeds: single runs on a shared CPU
-vary by ±15 % in time, and single trainings by about a point in ACC. All three
+each round from the next training seed (the permutations stay those of ``--seed``). It
+reports each cell's median run, each ratio as the median of the ratios within a round, and
+the mean ACC over the N seeds: this CPU's speed drifts for minutes at a time, and single
+trainings differ by about a point in ACC. All three
 contenders train on ``--device``; a GPU run's table is written to its own block of the report.
 """
 
@@ -432,7 +433,7 @@ def main() -> int:
         "--repeat",
         type=int,
         default=1,
-        help="runs per contender, one training seed each: median time, mean ACC",
+        help="rounds over all strategies and contenders, one training seed each",
     )
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report (full runs)")
     options = parser.parse_args()
@@ -471,7 +472,7 @@ def main() -> int:
     text = _report(rows, options, limit)
     if not options.quick:
         # the GPU table goes in a block of its own, next to the CPU one
-        write_block(Path(options.output), f"speed-{device.type}".replace("-cpu", ""), text)
+        write_block(Path(options.output), "speed" if device.type == "cpu" else "speed-cuda", text)
     print(text)
     if options.quick:
         print(json.dumps(_summary(rows)))
