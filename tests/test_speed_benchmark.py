@@ -1,0 +1,88 @@
+"""benchmarks/speed.py: its plain-loop floor trains as afmbench does, and its report's ratios."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+import afmbench
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+speed = pytest.importorskip("speed")
+
+
+@pytest.mark.parametrize("name", ["si", "ewc+fl"])
+def test_plain_loop_trains_the_same_model_as_afmbench(name, mnist_root, monkeypatch):
+    """(b) is only a floor for (a) if it does the same training: same seeds, batch order,
+    penalty gradients, SI path integral, forgetting-layer losses and importance passes. Both
+    routes must end with the same weights."""
+    # strong enough that 600 samples a task give SI a penalty that moves the weights
+    monkeypatch.setitem(speed.SETTINGS, "si", {"c": 1000.0, "xi": 0.1})
+    trained: dict[str, torch.nn.Module] = {}
+    run, accuracies = afmbench.run, speed._accuracies
+
+    def run_and_keep(scenario, model, *args, **kwargs):
+        trained["afmbench"] = model
+        return run(scenario, model, *args, **kwargs)
+
+    def accuracies_and_keep(model, tests):
+        trained["plain"] = model
+        return accuracies(model, tests)
+
+    monkeypatch.setattr(afmbench, "run", run_and_keep)
+    monkeypatch.setattr(speed, "_accuracies", accuracies_and_keep)
+    full = afmbench.build_scenario("permuted_mnist", n_experiences=3, seed=0, root=str(mnist_root))
+    scenario = speed.Limited(full, 600)
+    cpu = torch.device("cpu")
+    ours = speed.run_afmbench(name, scenario, seed=1, device=cpu)
+    floor = speed.run_plain(name, scenario, seed=1, device=cpu)
+
+    assert len(ours.epoch_s) == len(floor.epoch_s) == 3
+    mine, theirs = (dict(trained[k].named_parameters()) for k in ("afmbench", "plain"))
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert ours.acc == pytest.approx(floor.acc, abs=1e-3)
+    assert ours.acc > 0.2  # twice chance: trained, not a pair of equally broken runs
+
+
+def _timing(seconds: float, acc: float = 0.9) -> speed.Timing:
+    return speed.Timing(seconds, acc, importance_s=[0.5] * 3, epoch_s=[1.0] * 3)
+
+
+def test_report_takes_ratios_within_rounds_and_shows_the_floor():
+    """Round 2 runs on a machine twice as slow: ratios within a round do not see it, while a
+    ratio of the contenders' medians would mix the two speeds."""
+    naive = speed.Row.of("naive", [(_timing(5), _timing(4), _timing(20)),
+                                   (_timing(10), _timing(8), _timing(40)),
+                                   (_timing(5.5), _timing(4.4), _timing(22))])  # fmt: skip
+    si = speed.Row.of("si", [(_timing(6), _timing(4.4), _timing(21)),
+                             (_timing(12), _timing(8.8), _timing(42)),
+                             (_timing(6.6), _timing(4.84), _timing(23.1))])  # fmt: skip
+    assert naive.vs_plain == pytest.approx(1.25)
+    assert naive.vs_avalanche == pytest.approx(4.0)
+    assert naive.plain_vs_avalanche == pytest.approx(5.0)
+    afm_over, plain_over = si.over(naive)
+    assert (afm_over, plain_over) == (pytest.approx(0.2), pytest.approx(0.1))
+    assert si.a.seconds == 6.6 and si.a.acc == pytest.approx(0.9)  # the median run, mean ACC
+
+    lines = speed._targets([naive, si], {"naive": naive, "si": si})
+    assert "- afmbench at most 1.3x the plain loop: **missed** (worst: si, 1.36x)" in lines
+    assert any("worst: si, 3.5x; the plain loop reaches at most 5.0x" in line for line in lines)
+    assert "- SI at most 10% over naive: **missed** (+20%; the plain loop +10%)" in lines
+    assert speed._summary([naive, si])["ratio_vs_plain"] == pytest.approx(1.364, abs=1e-3)
+
+
+def test_report_names_the_command_that_made_it():
+    options = Namespace(quick=False, strategies=["naive", "si"], no_avalanche=True, seed=0,
+                        device="cpu", repeat=3)  # fmt: skip
+    assert speed._command(options) == (
+        "python benchmarks/speed.py --strategies naive si --no-avalanche --repeat 3"
+    )
+    everything = Namespace(quick=True, strategies=list(speed.SETTINGS), no_avalanche=False,
+                           seed=2, device="cuda", repeat=1)  # fmt: skip
+    assert speed._command(everything) == "python benchmarks/speed.py --quick --seed 2 --device cuda"
