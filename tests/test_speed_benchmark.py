@@ -71,7 +71,7 @@ def test_report_takes_ratios_within_rounds_and_shows_the_floor():
     assert si.a.seconds == 6.6 and si.a.acc == pytest.approx(0.9)  # the median run, mean ACC
 
     lines = speed._targets([naive, si], {"naive": naive, "si": si})
-    assert "- afmbench at most 1.3x the plain loop: **missed** (worst: si, 1.36x)" in lines
+    assert "- afmbench at most 1.3x the plain loop: **missed** (worst: si, 1.364x)" in lines
     assert any("worst: si, 3.5x; the plain loop reaches at most 5.0x" in line for line in lines)
     assert "- SI at most 10% over naive: **missed** (+20%; the plain loop +10%)" in lines
     assert speed._summary([naive, si])["ratio_vs_plain"] == pytest.approx(1.364, abs=1e-3)
