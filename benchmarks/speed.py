@@ -173,9 +173,10 @@ def run_plain(name: str, scenario, seed: int, device: torch.device) -> Timing:
         start = {n: p.detach().clone() for n, p in params.items()}
         model.train()
         epoch_started = clock(device)
+        train_step = PlainStep(model, optimizer, gates, strength)
         si = PathIntegral.of(params, path) if name == "si" else None
         for x, y, _ in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
-            plain_step(model, optimizer, x, y, gates, terms, strength, si)
+            train_step(x, y, terms, si)
         timing.epoch_s.append(clock(device) - epoch_started)
         pass_started = clock(device)
         terms = _consolidate(name, model, split, terms, path, start)
@@ -208,46 +209,56 @@ class PathIntegral:
         return cls(path, *({n: torch.empty_like(p) for n, p in params.items()} for _ in "gb"))
 
 
-def plain_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    gates: list,
-    terms: list[tuple[dict, dict]],
-    strength: float,
-    si: PathIntegral | None = None,
-    layer: dict[str, Any] = LAYER,
-) -> None:
-    """One training step of the plain loop: the task loss (plus the forgetting layer's ERS and
-    IRS when ``gates`` are attached), the quadratic penalty's gradient in closed form, SI's
-    path integral when ``si`` is given."""
-    params = dict(model.named_parameters())
-    loss = F.cross_entropy(model(x, 0), y)
-    if gates:
-        h = [g.last_input for g in gates]
-        s = [g.last_gate for g in gates]
-        if layer["lambda_f"]:
-            loss = loss + layer["lambda_f"] * inhibition_loss(s)
-        if layer["beta"]:
-            loss = loss + layer["beta"] * lateral_inhibition_loss(h, s)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    with torch.no_grad():
-        if si:  # g_task: the gradient before the penalty's is added
-            for n, p in params.items():
-                si.grad[n].copy_(p.grad)
-                si.before[n].copy_(p)
-        for omega, anchor in terms:  # the quadratic penalty's gradient, in closed form
-            for n in omega:
-                params[n].grad.addcmul_(omega[n], params[n] - anchor[n], value=2 * strength)
-    optimizer.step()
-    if si:  # ω += −g_task Δθ
+@dataclass
+class PlainStep:
+    """One training step of the plain loop, for one experience's optimizer: the task loss
+    (plus the forgetting layer's ERS and IRS when ``gates`` are attached), the quadratic
+    penalty's gradient in closed form, and SI's path integral when ``si`` is given."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    gates: list
+    strength: float
+    layer: dict[str, Any] = field(default_factory=lambda: LAYER)
+
+    def __post_init__(self) -> None:
+        self.params = dict(self.model.named_parameters())
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        terms: list[tuple[dict, dict]],
+        si: PathIntegral | None,
+    ) -> None:
+        params, layer = self.params, self.layer
+        loss = F.cross_entropy(self.model(x, 0), y)
+        if self.gates:
+            h = [g.last_input for g in self.gates]
+            s = [g.last_gate for g in self.gates]
+            if layer["lambda_f"]:
+                loss = loss + layer["lambda_f"] * inhibition_loss(s)
+            if layer["beta"]:
+                loss = loss + layer["beta"] * lateral_inhibition_loss(h, s)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         with torch.no_grad():
-            for n, p in params.items():
-                si.path[n].addcmul_(si.grad[n], si.before[n].sub_(p))
-    for gate in gates:
-        gate.forget_batch()
+            if si:  # g_task: the gradient before the penalty's is added
+                for n, p in params.items():
+                    si.grad[n].copy_(p.grad)
+                    si.before[n].copy_(p)
+            for omega, anchor in terms:  # the quadratic penalty's gradient, in closed form
+                for n in omega:
+                    params[n].grad.addcmul_(
+                        omega[n], params[n] - anchor[n], value=2 * self.strength
+                    )
+        self.optimizer.step()
+        if si:  # ω += −g_task Δθ
+            with torch.no_grad():
+                for n, p in params.items():
+                    si.path[n].addcmul_(si.grad[n], si.before[n].sub_(p))
+        for gate in self.gates:
+            gate.forget_batch()
 
 
 def _consolidate(name, model, split, terms, path, start):
@@ -298,7 +309,6 @@ def _mean_over(split, stats: Callable, batch: int = PASS_BATCH, per_batch: bool 
     return {n: v / count for n, v in totals.items()}
 
 
-@torch.no_grad()
 @torch.no_grad()
 def _accuracies(model, tests) -> list[float]:
     model.eval()

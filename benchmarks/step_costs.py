@@ -1,7 +1,7 @@
 """What each method's arithmetic adds to one training step, with no framework around it.
 
 The floor under the "time over naive" targets of benchmarks/speed.py: one step of the speed
-benchmark's plain loop (:func:`speed.plain_step`: its MLP, batch size and SGD, on a fixed
+benchmark's plain loop (:class:`speed.PlainStep`: its MLP, batch size and SGD, on a fixed
 batch), alone and with SI's path integral, a closed-form quadratic penalty (EWC, MAS, ANPyC,
 and SI from the second task), and the forgetting layer's gates, ERS and IRS. afmbench runs the
 same tensor operations. Rounds interleave the variants, since this machine's speed drifts;
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from generated import write_block
-from speed import BATCH, HIDDEN, LAYER, LR, MOMENTUM, PathIntegral, plain_step
+from speed import BATCH, HIDDEN, LAYER, LR, MOMENTUM, PathIntegral, PlainStep
 
 import afmbench
 from afmbench.forgetting.layer import attach
@@ -62,10 +62,8 @@ def make_step(si: bool, penalty: bool, gates: bool, lambda_f: float, beta: float
     )  # fmt: skip
     path = PathIntegral.of(params, {n: torch.zeros_like(p) for n, p in params.items()})
     x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
-    layer = {**LAYER, "lambda_f": lambda_f, "beta": beta}
-    return lambda: plain_step(
-        model, optimizer, x, y, layers, terms, 1e-3, path if si else None, layer
-    )
+    step = PlainStep(model, optimizer, layers, 1e-3, {**LAYER, "lambda_f": lambda_f, "beta": beta})
+    return lambda: step(x, y, terms, path if si else None)
 
 
 def milliseconds(step: Callable, steps: int) -> float:
