@@ -514,7 +514,7 @@ def main() -> int:
         write_block(Path(options.output), "speed" if device.type == "cpu" else "speed-cuda", text)
     print(text)
     if options.quick:
-        print(json.dumps(_summary(rows)))
+        print(json.dumps(_summary(rows), allow_nan=False))
     return 0
 
 
@@ -577,15 +577,16 @@ class Row:
 
 
 def _summary(rows: list[Row]) -> dict[str, Any]:
-    """The worst strategy's ratios, for scripts."""
+    """The worst strategy's ratios, for scripts (``null`` where Avalanche did not run: strict
+    JSON has no NaN)."""
     compared = [r for r in rows if r.c]
     return {
         "ratio_vs_plain": round(max(r.vs_plain for r in rows), 3),
-        "ratio_vs_avalanche": round(
-            min((r.vs_avalanche for r in compared), default=float("nan")), 3
+        "ratio_vs_avalanche": (
+            round(min(r.vs_avalanche for r in compared), 3) if compared else None
         ),
-        "acc_gap_vs_avalanche": round(
-            max((abs(r.a.acc - r.c.acc) for r in compared), default=float("nan")), 4
+        "acc_gap_vs_avalanche": (
+            round(max(abs(r.a.acc - r.c.acc) for r in compared), 4) if compared else None
         ),
         "seconds": {r.name: round(r.a.seconds, 2) for r in rows},
     }

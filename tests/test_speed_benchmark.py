@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,7 +76,13 @@ def test_report_takes_ratios_within_rounds_and_shows_the_floor():
     assert "- afmbench at most 1.3x the plain loop: **missed** (worst: si, 1.364x)" in lines
     assert any("worst: si, 3.5x; the plain loop reaches at most 5.0x" in line for line in lines)
     assert "- SI at most 10% over naive: **missed** (+20%; the plain loop +10%)" in lines
-    assert speed._summary([naive, si])["ratio_vs_plain"] == pytest.approx(1.364, abs=1e-3)
+    summary = speed._summary([naive, si])
+    assert summary["ratio_vs_plain"] == pytest.approx(1.364, abs=1e-3)
+    assert summary["ratio_vs_avalanche"] == pytest.approx(3.5)
+    # without Avalanche the line stays strict JSON, which has no NaN
+    alone = [replace(row, c=None) for row in (naive, si)]
+    line = json.dumps(speed._summary(alone), allow_nan=False)
+    assert json.loads(line)["ratio_vs_avalanche"] is None
 
 
 def test_report_names_the_command_that_made_it():
