@@ -28,6 +28,7 @@ import afmbench
 from afmbench.forgetting.layer import attach
 
 HERE = Path(__file__).resolve().parent
+LOSSES = (LAYER["lambda_f"], LAYER["beta"])  # the layer's ERS and IRS weights
 #: name: (SI path integral, quadratic penalty, gates, ERS weight, IRS weight)
 VARIANTS: dict[str, tuple[bool, bool, bool, float, float]] = {
     "naive": (False, False, False, 0.0, 0.0),
@@ -35,15 +36,9 @@ VARIANTS: dict[str, tuple[bool, bool, bool, float, float]] = {
     "quadratic penalty (EWC, MAS, ANPyC)": (False, True, False, 0.0, 0.0),
     "SI from the second task (path integral + penalty)": (True, True, False, 0.0, 0.0),
     "forgetting layer: gates only": (False, False, True, 0.0, 0.0),
-    "forgetting layer: gates + ERS": (False, False, True, LAYER["lambda_f"], 0.0),
-    "forgetting layer: gates + ERS + IRS": (False, False, True, LAYER["lambda_f"], LAYER["beta"]),
-    "EWC + forgetting layer (second task on)": (
-        False,
-        True,
-        True,
-        LAYER["lambda_f"],
-        LAYER["beta"],
-    ),
+    "forgetting layer: gates + ERS": (False, False, True, LOSSES[0], 0.0),
+    "forgetting layer: gates + ERS + IRS": (False, False, True, *LOSSES),
+    "EWC + forgetting layer (second task on)": (False, True, True, *LOSSES),
 }
 
 
