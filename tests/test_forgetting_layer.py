@@ -76,6 +76,50 @@ def test_inhibition_loss_is_eq_6_by_hand():
     )
 
 
+def inhibition_by_definition(gates: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 6 literally: per-unit means over rows (samples, positions), then the ratio."""
+    means = [g.movedim(1, -1).reshape(-1, g.shape[1]).mean(0) for g in gates]
+    closed = sum((1 - m).sum() for m in means)
+    mixed = sum(((1 - g) * g).movedim(1, -1).reshape(-1, g.shape[1]).mean(0).sum() for g in gates)
+    return mixed / (closed + 1e-8)
+
+
+def test_inhibition_gradient_equals_autograd_of_the_definition():
+    """The hand-written backward pass of ERS against autograd through eq. 6 written out, on a
+    dense and a convolutional layer together, and against finite differences."""
+    torch.manual_seed(2)
+    gates = [
+        torch.rand(6, 5).double().requires_grad_(),
+        torch.rand(2, 3, 2, 2).double().requires_grad_(),
+    ]
+    torch.testing.assert_close(
+        inhibition_loss(gates), inhibition_by_definition(gates), rtol=1e-12, atol=0
+    )
+    expected = torch.autograd.grad(inhibition_by_definition(gates), gates)
+    found = torch.autograd.grad(inhibition_loss(gates), gates)
+    for e, f in zip(expected, found):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *g: inhibition_loss(list(g)), tuple(gates))
+    # only the inputs that ask for a gradient get one
+    fixed = gates[1].detach()
+    assert torch.autograd.grad(inhibition_loss([gates[0], fixed]), gates[0])[0].shape == (6, 5)
+
+
+def test_losses_of_16_bit_inputs_are_summed_in_32_bits():
+    """bfloat16 activations (16-bit AMP) give the losses of their float32 values, and
+    gradients in bfloat16 like the inputs."""
+    torch.manual_seed(3)
+    h = (torch.rand(64, 300) * 2).bfloat16().requires_grad_()
+    g = torch.rand(64, 300).bfloat16().requires_grad_()
+    ers, irs = inhibition_loss([g]), lateral_inhibition_loss([h], [g])
+    assert ers.dtype == irs.dtype == torch.float32
+    h32, g32 = h.detach().float(), g.detach().float()
+    assert ers.item() == pytest.approx(inhibition_by_definition([g32]).item(), rel=1e-5)
+    assert irs.item() == pytest.approx(lateral_by_definition(h32, g32).item(), rel=1e-5)
+    d_h, d_g = torch.autograd.grad(ers + irs, (h, g))
+    assert d_h.dtype == d_g.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("shape", [(16, 8), (4, 8, 5, 5)])
 def test_gates_lie_in_0_1_and_outputs_within_bounds(shape):
     torch.manual_seed(0)

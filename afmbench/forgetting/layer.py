@@ -145,30 +145,89 @@ def inhibition_loss(gates: list[Tensor]) -> Tensor:
     once whatever the batch size or the feature map's size. The ratio is a (1 - sigma)-weighted
     mean of the gates: lowering it closes switches, and it vanishes where gates are polarized.
     """
-    # sum over units of a per-unit mean over rows = the sum over everything / rows
-    rows = [g.numel() / g.shape[1] for g in gates]
-    closed = sum(g.shape[1] - g.sum() / n for g, n in zip(gates, rows))
-    mixed = sum((g - g.square()).sum() / n for g, n in zip(gates, rows))
-    return mixed / (closed + EPS)
+    return _Inhibition.apply(*gates)
 
 
 def lateral_inhibition_loss(inputs: list[Tensor], gates: list[Tensor]) -> Tensor:
     """IRS, eq. 8: ``sum_{i != j} h_i h_j (1 - sigma_i) sigma_j`` per sample, summed over layers.
 
-    With ``a = h (1 - sigma)`` and ``b = h sigma`` the double sum is ``sum(a) sum(b) - sum(a b)``,
-    linear in the width. Units compete with the other units of their layer at the same position
-    (channels of a feature map compete location by location); the value is averaged over samples
-    and positions.
+    Units compete with the other units of their layer at the same position (channels of a
+    feature map compete location by location); the value is averaged over samples and positions.
     """
-    total = inputs[0].new_zeros(())
-    for h, g in zip(inputs, gates):
-        h, g = _units_last(h), _units_last(g)
-        b = h * g  # then sum(a) = sum(h) - sum(b) and a b = b (h - b): fewer ops per step
-        s_b = b.sum(-1)
-        total = total + ((h.sum(-1) - s_b) * s_b).mean() - (b * (h - b)).sum() / h.shape[0]
-    return total
+    return sum(_LateralInhibition.apply(h, g) for h, g in zip(inputs, gates))
 
 
-def _units_last(x: Tensor) -> Tensor:
-    """``(batch, units, *positions)`` as ``(batch * positions, units)``."""
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
+class _Inhibition(torch.autograd.Function):
+    """ERS with its backward pass written out (autograd took a dozen small operations a layer).
+
+    Per layer, with ``r`` rows (samples x positions), ``m = sum sigma`` and ``q = sum sigma^2``:
+    the closed share is ``C = sum_l (units_l - m_l / r_l)`` and the mixed one ``M = sum_l (m_l -
+    q_l) / r_l`` (a per-unit mean over rows, summed over units, is a sum over everything / r).
+    With ``D = C + eps``, ``d(M / D) / d sigma = ((D + M) - 2 D sigma) / (r D^2)``: affine in
+    sigma, so the backward pass is one fused operation per layer.
+    """
+
+    @staticmethod
+    def forward(ctx, *gates: Tensor) -> Tensor:
+        wide = [_wide(g) for g in gates]
+        rows = [g.numel() / g.shape[1] for g in gates]
+        sums = [g.sum() for g in wide]
+        closed = sum(g.shape[1] - m / r for g, m, r in zip(gates, sums, rows))
+        mixed = sum((m - _dot(g, g)) / r for g, m, r in zip(wide, sums, rows))
+        ctx.save_for_backward(*wide)
+        ctx.rows, ctx.dtypes = rows, [g.dtype for g in gates]
+        ctx.denominator, ctx.mixed = closed + EPS, mixed
+        return mixed / ctx.denominator
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scale = grad / ctx.denominator.square()
+        offset = (ctx.denominator + ctx.mixed) * scale  # then / r and - 2 D sigma / r per layer
+        slope = 2 * ctx.denominator * scale
+        return tuple(
+            torch.addcmul(offset / r, g, slope / r, value=-1).to(dtype) if wanted else None
+            for g, r, dtype, wanted in zip(
+                ctx.saved_tensors, ctx.rows, ctx.dtypes, ctx.needs_input_grad
+            )
+        )
+
+
+class _LateralInhibition(torch.autograd.Function):
+    """One layer's IRS with its backward pass written out.
+
+    With ``b = h sigma``, ``a = h - b`` and the unit sums ``S_h``, ``S_b`` of each row (sample and
+    position), the double sum is ``(S_h - S_b) S_b - sum_i a_i b_i``, linear in the width. Its
+    gradient in ``b`` is ``(S_h - 2 S_b) - h + 2 b``, and in ``h`` with ``b`` held ``S_b - b``;
+    the chain rule through ``b = h sigma`` gives both inputs' gradients in a few passes.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, g: Tensor) -> Tensor:
+        ctx.dtypes = (h.dtype, g.dtype)
+        h, g = _wide(h), _wide(g)
+        b = h * g
+        a = h - b
+        s_h, s_b = h.sum(1, keepdim=True), b.sum(1, keepdim=True)
+        ctx.save_for_backward(h, g, b, a, s_h, s_b)
+        ctx.rows = h.numel() / h.shape[1]
+        return (_dot(s_h - s_b, s_b) - _dot(b, a)) / ctx.rows
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        h, g, b, a, s_h, s_b = ctx.saved_tensors
+        scale = grad / ctx.rows
+        # the gradient in b, scaled: (S_h - 2 S_b) - h + 2 b = (b - a) + (S_h - 2 S_b)
+        d_b = torch.sub(b, a).add_(s_h - 2 * s_b).mul_(scale)
+        d_h = torch.addcmul((s_b - b).mul_(scale), g, d_b) if ctx.needs_input_grad[0] else None
+        d_g = h * d_b if ctx.needs_input_grad[1] else None
+        return tuple(None if d is None else d.to(dtype) for d, dtype in zip((d_h, d_g), ctx.dtypes))
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in at least single precision: sums over a layer lose too much in 16 bits."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``sum(x * y)`` in one pass, without the product's temporary."""
+    return torch.dot(x.reshape(-1), y.reshape(-1))
