@@ -26,8 +26,8 @@ framework and nothing else. ``--repeat N`` runs N rounds over every strategy and
 each round from the next training seed (the permutations stay those of ``--seed``). It
 reports each cell's median run, each ratio as the median of the ratios within a round, and
 the mean ACC over the N seeds: this CPU's speed drifts for minutes at a time, and single
-trainings differ by about a point in ACC. All three
-contenders train on ``--device``; a GPU run's table is written to its own block of the report.
+trainings differ by about a point in ACC. All three contenders train on ``--device``; a GPU
+run's table is written to its own block of the report.
 """
 
 from __future__ import annotations
