@@ -1,4 +1,5 @@
-"""benchmarks/speed.py: its plain-loop floor trains as afmbench does, and its report's ratios."""
+"""benchmarks/speed.py: its plain-loop floor trains as afmbench does, Avalanche's SI sees its
+steps, and the report's ratios."""
 
 from __future__ import annotations
 
@@ -50,6 +51,33 @@ def test_plain_loop_trains_the_same_model_as_afmbench(name, mnist_root, monkeypa
         torch.testing.assert_close(value, theirs[key], rtol=1e-4, atol=1e-6, msg=key)
     assert ours.acc == pytest.approx(floor.acc, abs=1e-3)
     assert ours.acc > 0.2  # twice chance: trained, not a pair of equally broken runs
+
+
+def test_avalanche_si_sees_each_step_on_the_cpu():
+    """Avalanche's SI keeps views of the CPU weights as its "before" snapshots, so its path
+    integral stays zero and it trains as naive; within ``copying_si_weights`` one plugin
+    step adds ``g · Δθ`` to its trajectory, as on a GPU."""
+    from avalanche.training.plugins import SynapticIntelligencePlugin as plugin
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    si = plugin(si_lambda=1.0)
+    with speed.copying_si_weights():
+        plugin.create_syn_data(model, si.ewc_data, si.syn_data, set())
+        plugin.init_batch(model, si.ewc_data, si.syn_data, set())
+        plugin.pre_update(model, si.syn_data, set())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(torch.randn(4, 3)).square().sum().backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        plugin.post_update(model, si.syn_data, set())
+    for name, p in model.named_parameters():
+        expected = (p.grad * (p.detach() - before[name])).flatten()
+        assert expected.abs().min() > 0
+        torch.testing.assert_close(si.syn_data["trajectory"][name].data, expected)
+        # the anchor is the weights before the step, not the live ones
+        torch.testing.assert_close(si.ewc_data[0][name].data, before[name].flatten())
 
 
 def _timing(seconds: float, acc: float = 0.9) -> speed.Timing:
