@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,17 @@ class ContinualModule(LightningModule):
         self.graph_penalty_grads: dict[str, Tensor] = {}
         self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning records the hook it is in (``_current_fx_name``) before and after every
+        # hook call, about 40 times a training step, and ``nn.Module.__setattr__`` vets each
+        # assignment against the parameters, submodules and buffers. A name already in the
+        # instance dict is none of those (torch keeps them apart), and a value that is neither
+        # a tensor nor a module cannot become one, so such assignments skip the checks.
+        if name in self.__dict__ and not isinstance(value, (Tensor, torch.nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- what plugins use --------------------------------------------------------------
     def plugins(self) -> list[ContinualPlugin]:

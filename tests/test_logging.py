@@ -1,6 +1,8 @@
 """W&B offline runs read back from their files, and the same figures in the run folder."""
 
+import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,26 @@ def test_strategy_and_forgetting_layer_histograms_through_the_cli(tmp_path):
     assert (tmp_path / "plots" / "importance_ewc.png").is_file() and (
         tmp_path / "plots" / "gates.png"
     ).is_file()
+
+
+def test_short_epochs_log_once_each_without_lightning_warning(tmp_path):
+    # the digits' experiences are ~250 samples: 4 batches of 64, fewer than
+    # log_every_n_steps=10, so Lightning would warn every experience and log no epoch
+    scenario = afmbench.build_scenario("split_digits", n_experiences=5)
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    logger = make_logger({"name": "csv"}, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        afmbench.run(scenario, model, max_epochs=2, batch_size=64, run_dir=tmp_path,
+                     logger=logger, trainer_kwargs={"log_every_n_steps": 10}, verbose=False)  # fmt: skip
+    assert not [w for w in caught if "logging interval" in str(w.message)]
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row["train/loss"]]
+    batches = [-(-len(scenario.train(e)[0]) // 64) for e in range(5)]
+    assert batches == [4] * 5
+    # one loss per epoch, at each epoch's last step, through all five experiences
+    assert [int(row["step"]) for row in logged] == [4 * k + 3 for k in range(10)]
 
 
 def test_run_folder_has_the_same_figures_as_pngs(tmp_path):

@@ -95,6 +95,9 @@ def test_encode_is_lossless_for_pixel_data_and_falls_back_to_raw():
     packed = encode(pixels)
     assert packed["codes"].dtype == torch.uint8
     assert torch.equal(decode(packed), pixels)
+    levels = torch.randint(0, 1000, (20, 30)).float() / 999  # more than 256 distinct values
+    assert encode(levels)["codes"].dtype == torch.int16
+    assert torch.equal(decode(encode(levels)), levels)
     noise = torch.randn(100, 400)
     assert "raw" in encode(noise) and torch.equal(decode(encode(noise)), noise)
 
