@@ -10,7 +10,9 @@ per experience because every experience is one ``Trainer.fit``:
   (it must be idempotent), so weights can be restored from a checkpoint into the final shape;
 - ``on_train_start``: the experience begins (e.g. remember the starting parameters);
 - ``on_before_optimizer_step`` / ``on_train_batch_end``: per-step bookkeeping (SI's path
-  integral); see :attr:`ContinualPlugin.closed_form_grad` for what ``p.grad`` holds there;
+  integral); see :attr:`ContinualPlugin.closed_form_grad` for what ``p.grad`` holds there,
+  and take the parameters by name from ``module.trainable_parameters()`` (built once an
+  epoch, not every step);
 - ``on_train_end``: the experience is learned; estimate importance and set anchors. This runs
   on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree;
 - ``state_dict`` / ``load_state_dict``: everything needed to continue, saved in checkpoints.

@@ -67,7 +67,7 @@ class QuadraticPenalty(ContinualPlugin):
     def penalty(self, module: ContinualModule) -> Tensor | None:
         if not self.terms:
             return None
-        params = named_parameters(module.model)
+        params = module.trainable_parameters()
         total = 0.0
         for term in self.terms_on(module.device):
             for name, omega in term.importance.items():
@@ -78,7 +78,7 @@ class QuadraticPenalty(ContinualPlugin):
     def add_penalty_grad(self, module: ContinualModule, grads: dict[str, Tensor]) -> None:
         """``grads[k] += 2 · strength · Σ_terms Ω_k (θ_k − θ*_k)``, one fused update per
         parameter, whatever the number of terms (see :meth:`merged_terms`)."""
-        params = named_parameters(module.model)
+        params = module.trainable_parameters()
         scale = 2 * self.strength
         with torch.no_grad():
             for term in self.merged_terms(module.device):

@@ -74,7 +74,7 @@ class SI(QuadraticPenalty):
         else:
             adjust, sign = pl_module.closed_form_penalty_grads(), 1.0
         with torch.no_grad():
-            for n, p in named_parameters(pl_module.model).items():
+            for n, p in pl_module.trainable_parameters().items():
                 g = self._grad[n]
                 if p.grad is None:
                     g.zero_()
@@ -89,7 +89,7 @@ class SI(QuadraticPenalty):
         if not self._pending:  # accumulating gradients: no update in this batch
             return
         with torch.no_grad():
-            for n, p in named_parameters(pl_module.model).items():
+            for n, p in pl_module.trainable_parameters().items():
                 step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
                 self.path[n].addcmul_(self._grad[n], step_back)  # ω += −g Δθ
         self._pending = False

@@ -99,18 +99,22 @@ def test_permuted_mnist_naive_forgets(mnist_root, tmp_path):
     assert metrics["scenario"] == "permuted_mnist" and metrics["protocol"] == "domain"
 
 
-def test_per_step_lightning_bookkeeping_is_not_paid_per_step(monkeypatch):
+def test_per_step_bookkeeping_is_not_paid_per_step(monkeypatch):
     """Lightning sets ``_current_fx_name`` and opens ``profiler.profile`` around every hook
-    (~70 times a step); the module and the default profiler make both cheap. Counted here:
-    the slow paths (nn.Module's vetted ``__setattr__`` on the module, Lightning's
-    generator-based ``Profiler.profile``) are taken as often for 64 steps as for 16."""
+    (~70 times a step), and SI's and the penalty's hooks need the parameters by name every
+    step. The slow paths (nn.Module's vetted ``__setattr__`` on the module, Lightning's
+    generator-based ``Profiler.profile``, the model's ``named_parameters``) are counted here:
+    they are taken as often for 64 steps an experience as for 16."""
     from lightning.pytorch.profilers.profiler import Profiler
 
+    from afmbench.models import ContinualModel
     from afmbench.module import ContinualModule
     from afmbench.scenarios.base import Scenario
+    from afmbench.strategies import SI
 
-    calls = {"setattr": 0, "profile": 0}
+    calls = dict.fromkeys(("setattr", "profile", "named_parameters"), 0)
     vetted, generator_profile = torch.nn.Module.__setattr__, Profiler.profile
+    walk = torch.nn.Module.named_parameters
 
     def counting_setattr(self, name, value):
         calls["setattr"] += isinstance(self, ContinualModule)
@@ -120,23 +124,35 @@ def test_per_step_lightning_bookkeeping_is_not_paid_per_step(monkeypatch):
         calls["profile"] += 1
         return generator_profile(self, action_name)
 
+    def counting_named_parameters(self, *args, **kwargs):
+        calls["named_parameters"] += 1
+        return walk(self, *args, **kwargs)
+
     monkeypatch.setattr(torch.nn.Module, "__setattr__", counting_setattr)
     monkeypatch.setattr(Profiler, "profile", counting_profile)
+    monkeypatch.setattr(ContinualModel, "named_parameters", counting_named_parameters)
 
     def slow_paths(steps):
         x, y = torch.randn(steps * 4, 3), torch.randint(0, 2, (steps * 4,))
         split = (x, y, torch.zeros_like(y))
-        scenario = Scenario.from_tensors("toy", "domain", [split], [split], (2,))
+        scenario = Scenario.from_tensors("toy", "domain", [split] * 2, [split] * 2, (2,))
         model = afmbench.build_model("mlp", (3,), (2,), hidden=[4])
-        calls.update(setattr=0, profile=0)
-        afmbench.run(scenario, model, batch_size=4, verbose=False)
+        calls.update(dict.fromkeys(calls, 0))
+        afmbench.run(scenario, model, [SI()], batch_size=4, verbose=False)  # a penalty from 2nd
         return dict(calls)
 
     few, many = slow_paths(16), slow_paths(64)
-    assert few == many and few["setattr"] > 0  # the counting itself works
-    # and nn.Module's checks still apply where they matter
+    assert few == many and few["setattr"] > 0 and few["named_parameters"] > 0  # counting works
+    # nn.Module's checks still apply where they matter
     module = ContinualModule(afmbench.build_model("mlp", (3,), (2,), hidden=[4]), 1, 2)
     with pytest.raises(TypeError, match="child module"):
         module.model = "not a module"
     module.extra = torch.nn.Linear(2, 2)
     assert "extra" in module._modules and "extra" not in module.__dict__
+    # the parameters by name are taken afresh each epoch (a callback may freeze some)
+    module.on_train_epoch_start()
+    module.model.body[1].weight.requires_grad_(False)
+    assert "body.1.weight" in module.trainable_parameters()
+    module.on_train_epoch_end()
+    module.on_train_epoch_start()
+    assert "body.1.weight" not in module.trainable_parameters()

@@ -363,9 +363,17 @@ class Quadratic(nn.Module):
         return 0.5 * self.h * (self.theta - self.a).square()
 
 
+def stand_in(model: torch.nn.Module, **attributes) -> SimpleNamespace:
+    """What SI's hooks read of a ContinualModule, for a model trained by hand."""
+    return SimpleNamespace(
+        **{"model": model, "graph_penalty_grads": {}, "device": torch.device("cpu"), **attributes},
+        trainable_parameters=lambda: dict(model.named_parameters()),
+    )
+
+
 def test_si_path_integral_equals_each_parameters_drop_in_a_quadratic_loss() -> None:
     model = Quadratic()
-    module = SimpleNamespace(model=model, graph_penalty_grads={}, device=torch.device("cpu"))
+    module = stand_in(model)
     plugin = SI(c=1.0, xi=1e-6)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.004)
     start = model.per_parameter_loss().detach()
@@ -386,7 +394,7 @@ def test_si_path_integral_equals_each_parameters_drop_in_a_quadratic_loss() -> N
 
 def test_si_skips_batches_without_an_optimizer_step() -> None:
     model = Quadratic()
-    module = SimpleNamespace(model=model, graph_penalty_grads={}, device=torch.device("cpu"))
+    module = stand_in(model)
     plugin = SI()
     plugin.on_train_start(None, module)
     with torch.no_grad():
@@ -399,11 +407,10 @@ def test_si_task_gradient_removes_the_penalty_gradient() -> None:
     """At SI's hook ``p.grad`` lacks the closed-form penalties (the module adds them next) and
     holds the others: ``task`` takes the latter out, ``total`` adds the former."""
     model = Quadratic()
-    module = SimpleNamespace(
-        model=model,
+    module = stand_in(
+        model,
         graph_penalty_grads={"theta": torch.ones(5)},
         closed_form_penalty_grads=lambda: {"theta": torch.full((5,), 2.0)},
-        device=torch.device("cpu"),
     )
     for gradient, expected in (("task", model.h - 1.0), ("total", model.h + 2.0)):
         plugin = SI(gradient=gradient)
