@@ -718,7 +718,7 @@ def _targets(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
     if "naive" in by_name and "si" in by_name:
         si, floor = by_name["si"].over(by_name["naive"])
         lines.append(
-            f"- SI at most 10% over naive: {mark(si <= 0.10)} ({si:+.0%}; the plain loop {floor:+.0%})"
+            f"- SI at most 10% over naive: {mark(si <= 0.10)} ({si:+.1%}; the plain loop {floor:+.1%})"
         )
     for name in ("ewc", "mas", "anpyc"):
         if name in by_name:
@@ -730,7 +730,7 @@ def _targets(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
         fl, floor = by_name["ewc+fl"].over(by_name["ewc"])
         lines.append(
             f"- forgetting layer at most 20% over the same run without it: {mark(fl <= 0.2)} "
-            f"({fl:+.0%}; the plain loop {floor:+.0%})"
+            f"({fl:+.1%}; the plain loop {floor:+.1%})"
         )
     return lines
 
