@@ -175,14 +175,6 @@ class ContinualModule(LightningModule):
             if params[name].grad is None:
                 params[name].grad = grad
 
-    def closed_form_penalty_grads(self) -> dict[str, Tensor]:
-        """The gradient of the closed-form penalties at the current parameters, per name: what
-        :meth:`on_before_optimizer_step` is about to add (for plugins that need it earlier)."""
-        grads: dict[str, Tensor] = {}
-        for plugin in self._closed_form_plugins():
-            plugin.add_penalty_grad(self, grads)
-        return grads
-
     def _closed_form_plugins(self) -> list[ContinualPlugin]:
         return [p for p in self.plugins() if p.closed_form_grad]
 

@@ -27,8 +27,10 @@ class SI(QuadraticPenalty):
     (``p.grad`` before the module adds the closed-form penalties' gradient, minus that of any
     other penalty, which the module then stores each step): ω then measures each parameter's
     share of the drop in the *new task's* loss, as the paper intends. ``total`` is the gradient
-    the optimizer steps on, all penalties included, as some reference implementations do; it
-    also credits parameters for being pulled back to their anchors.
+    the optimizer stepped on, all penalties (and any gradient clipping) included, as some
+    reference implementations do; it also credits parameters for being pulled back to their
+    anchors. It is read from ``p.grad`` after the step, which leaves it untouched, so it costs
+    no copy and no second evaluation of the penalties' gradient.
 
     Steps are counted in ``on_before_optimizer_step`` (gradients complete, before the update)
     and ``on_train_batch_end`` (after it), so with gradient accumulation ω grows once per real
@@ -60,7 +62,8 @@ class SI(QuadraticPenalty):
         params = named_parameters(pl_module.model).items()
         self.path = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
         self.start = snapshot(pl_module.model)
-        self._grad = {n: torch.empty_like(p) for n, p in params}
+        # total mode reads p.grad after the step instead
+        self._grad = {n: torch.empty_like(p) for n, p in params} if self.gradient == "task" else {}
         self._before = {n: torch.empty_like(p) for n, p in params}
         self._pending = False
 
@@ -69,19 +72,16 @@ class SI(QuadraticPenalty):
     ) -> None:
         # p.grad: the task loss's gradient plus that of the penalties without a closed form;
         # the module adds the closed-form penalties' gradient after this hook
-        if self.gradient == "task":
-            adjust, sign = pl_module.graph_penalty_grads, -1.0
-        else:
-            adjust, sign = pl_module.closed_form_penalty_grads(), 1.0
         with torch.no_grad():
             for n, p in pl_module.trainable_parameters().items():
-                g = self._grad[n]
-                if p.grad is None:
-                    g.zero_()
-                else:
-                    g.copy_(p.grad)
-                if n in adjust:
-                    g.add_(adjust[n], alpha=sign)
+                if self.gradient == "task":
+                    g = self._grad[n]
+                    if p.grad is None:
+                        g.zero_()
+                    else:
+                        g.copy_(p.grad)
+                    if n in pl_module.graph_penalty_grads:
+                        g.sub_(pl_module.graph_penalty_grads[n])
                 self._before[n].copy_(p)
         self._pending = True
 
@@ -90,8 +90,10 @@ class SI(QuadraticPenalty):
             return
         with torch.no_grad():
             for n, p in pl_module.trainable_parameters().items():
-                step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
-                self.path[n].addcmul_(self._grad[n], step_back)  # ω += −g Δθ
+                g = self._grad[n] if self.gradient == "task" else p.grad
+                if g is not None:  # no gradient: the step did not follow from one
+                    step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
+                    self.path[n].addcmul_(g, step_back)  # ω += −g Δθ
         self._pending = False
 
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:

@@ -233,8 +233,11 @@ def test_module_penalty_grads_equal_autograd_of_the_summed_penalties() -> None:
     module.plugins = lambda: plugins
     theta = params(module.model)
     expected = torch.autograd.grad(sum(p.penalty(module) for p in plugins), list(theta.values()))
-    # closed form (EWC, MAS) + autograd of the rest (what SI's task gradient takes out)
-    closed = module.closed_form_penalty_grads()
+    # closed form (EWC, MAS), added by the module's hook to zero gradients, + autograd of the
+    # rest (what SI's task gradient takes out)
+    module.model.zero_grad(set_to_none=True)
+    module.on_before_optimizer_step(None)
+    closed = {n: p.grad for n, p in theta.items()}
     graph = module._grads_of(plugins[2].penalty(module))
     assert set(closed) == set(theta) and set(graph) == set(theta)
     assert_close({n: closed[n] + graph[n] for n in theta}, dict(zip(theta, expected)))
@@ -405,13 +408,10 @@ def test_si_skips_batches_without_an_optimizer_step() -> None:
 
 def test_si_task_gradient_removes_the_penalty_gradient() -> None:
     """At SI's hook ``p.grad`` lacks the closed-form penalties (the module adds them next) and
-    holds the others: ``task`` takes the latter out, ``total`` adds the former."""
+    holds the others: ``task`` takes the latter out, ``total`` takes the gradient as stepped on,
+    both included."""
     model = Quadratic()
-    module = stand_in(
-        model,
-        graph_penalty_grads={"theta": torch.ones(5)},
-        closed_form_penalty_grads=lambda: {"theta": torch.full((5,), 2.0)},
-    )
+    module = stand_in(model, graph_penalty_grads={"theta": torch.ones(5)})
     for gradient, expected in (("task", model.h - 1.0), ("total", model.h + 2.0)):
         plugin = SI(gradient=gradient)
         assert plugin.needs_penalty_grads == (gradient == "task")
@@ -419,6 +419,7 @@ def test_si_task_gradient_removes_the_penalty_gradient() -> None:
         model.theta.grad = model.h.clone()
         plugin.on_before_optimizer_step(None, module, None)
         with torch.no_grad():
+            model.theta.grad.add_(2.0)  # the module's closed-form penalty gradient
             model.theta.sub_(0.1)
         plugin.on_train_batch_end(None, module)
         with torch.no_grad():
