@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -77,17 +78,17 @@ class ExperienceProgressBar(TQDMProgressBar):
     """Lightning's training progress bar, labelled with the experience being trained.
 
     Evaluation after each experience is a few quick passes over the test sets; its per-loader
-    bars would only flicker, so they stay hidden.
+    bars would only flicker, so they stay hidden. Hidden from the start: a bar disabled after
+    it is made has already drawn itself, and in a terminal the next line printed (the
+    accuracy per task) would run on from it.
     """
 
     def __init__(self, n_steps: int) -> None:
         super().__init__()
         self.n_steps = n_steps
 
-    def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)

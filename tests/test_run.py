@@ -37,6 +37,19 @@ def test_python_api_writes_the_run_folder(tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["experience_4.ckpt"]
 
 
+def test_progress_shows_training_bars_and_no_evaluation_bar(capsys):
+    """What a terminal shows: each experience's bar, then its accuracies on a line of their own
+    (an evaluation bar, even one hidden after it has drawn, would run into that line)."""
+    scenario = afmbench.build_scenario("split_digits", seed=0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
+    afmbench.run(scenario, model, max_epochs=1, batch_size=64, verbose=True)
+    shown = capsys.readouterr().out
+    assert "Validation" not in shown
+    assert shown.count("\rexperience 5/5 epoch 1/1: 100%") >= 1
+    after = [line for line in shown.splitlines() if "after experience" in line]
+    assert len(after) == 5 and all(line.startswith("after experience") for line in after)
+
+
 def test_diagonal_is_learned_and_untrained_baseline_is_near_chance():
     result = _digits_run()
     assert np.diag(result.accuracy_matrix).min() > 0.9
