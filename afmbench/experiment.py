@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 
@@ -42,6 +40,7 @@ from afmbench.metrics import summarize
 from afmbench.models import ContinualModel
 from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
+from afmbench.progress import ExperienceProgressBar
 from afmbench.reporting import RunReporter
 from afmbench.results import format_report, prepare_run_dir, versions, write_json, write_matrix_csv
 from afmbench.scenarios.base import Scenario
@@ -72,30 +71,6 @@ class Unprofiled(PassThroughProfiler):
 
     def profile(self, action_name: str) -> AbstractContextManager:
         return self._nothing
-
-
-class ExperienceProgressBar(TQDMProgressBar):
-    """Lightning's training progress bar, labelled with the experience being trained.
-
-    Evaluation after each experience is a few quick passes over the test sets; its per-loader
-    bars would only flicker, so they stay hidden. Hidden from the start: a bar disabled after
-    it is made has already drawn itself, and in a terminal the next line printed (the
-    accuracy per task) would run on from it.
-    """
-
-    def __init__(self, n_steps: int) -> None:
-        super().__init__()
-        self.n_steps = n_steps
-
-    def init_validation_tqdm(self) -> Tqdm:
-        return Tqdm(disable=True)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self.train_progress_bar.set_description(
-            f"experience {pl_module.experience + 1}/{self.n_steps} "
-            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
-        )
 
 
 def experience_seed(seed: int, step: int) -> int:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,10 @@ from afmbench.loader import TensorLoader
 from afmbench.metrics import AccuracyMatrix
 from afmbench.models import ContinualModel, named_parameters
 from afmbench.plugin import ContinualPlugin
+from afmbench.progress import ExperienceProgressBar
 from afmbench.scenarios.base import Split
+
+T = TypeVar("T")
 
 
 class ContinualModule(LightningModule):
@@ -78,12 +81,13 @@ class ContinualModule(LightningModule):
         return named_parameters(self.model)
 
     def batches(
-        self, max_samples: int | None = None, batch_size: int = 256
+        self, max_samples: int | None = None, batch_size: int = 256, label: str | None = None
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """This rank's share of the current experience's training data, on the module's device.
 
         ``max_samples`` takes a fixed random subset (the same on every rank), as importance
         estimates often do. Sums over these batches must go through :meth:`all_reduce_sum`.
+        A ``label`` shows the pass as a bar (see :meth:`progress`).
         """
         if self.train_split is None:
             raise RuntimeError("no experience is being trained")
@@ -92,8 +96,18 @@ class ContinualModule(LightningModule):
             generator = torch.Generator().manual_seed(1_000_003 * (self.experience + 1))
             keep = torch.randperm(len(split[0]), generator=generator)[:max_samples]
             split = tuple(t[keep] for t in split)
-        for batch in TensorLoader(split, batch_size, shuffle=False, pad=False):
+        loader = TensorLoader(split, batch_size, shuffle=False, pad=False)
+        for batch in self.progress(loader, label) if label else loader:
             yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def progress(self, iterable: Iterable[T], label: str) -> Iterable[T]:
+        """``iterable``, shown as a bar labelled ``label`` under the training bar when the run
+        shows progress (on rank zero): for a plugin's long work after the last step, such as
+        an importance pass or retraining. Otherwise ``iterable`` itself."""
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        if isinstance(bar, ExperienceProgressBar) and bar.is_enabled:
+            return bar.passing(iterable, label, self)
+        return iterable
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over all processes (identity in a single process)."""

@@ -14,7 +14,9 @@ per experience because every experience is one ``Trainer.fit``:
   and take the parameters by name from ``module.trainable_parameters()`` (built once an
   epoch, not every step);
 - ``on_train_end``: the experience is learned; estimate importance and set anchors. This runs
-  on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree;
+  on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree.
+  Long work here shows as a bar when given a label: ``module.batches(label=...)`` for a pass
+  over the data, ``module.progress(iterable, label)`` for anything else;
 - ``state_dict`` / ``load_state_dict``: everything needed to continue, saved in checkpoints.
 
 :meth:`importance` exposes the current per-parameter importance (for histograms).

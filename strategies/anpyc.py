@@ -104,7 +104,14 @@ class ANPyC(QuadraticPenalty):
                 if g is not None
             }
 
-        return data_mean(module, batch_scores, self.samples, self.batch_size, per="batch")
+        return data_mean(
+            module,
+            batch_scores,
+            self.samples,
+            self.batch_size,
+            per="batch",
+            label="anpyc importance",
+        )
 
     def prune_levels(self, experience: int) -> list[float]:
         """Cumulative percentages of the free pool pruned after ``experience``: 10, 20, ..., p_t."""
@@ -137,7 +144,7 @@ class ANPyC(QuadraticPenalty):
         optimizer = make_optimizer(module.optimizer_config, list(params.values()))
         batches = _endless(module, self.batch_size)
         with switched(model, training=True), torch.enable_grad():
-            for _ in range(self.retrain_steps):
+            for _ in module.progress(range(self.retrain_steps), "anpyc retraining"):
                 loss, _, _ = module.loss(next(batches))
                 optimizer.zero_grad()
                 loss.backward()

@@ -218,6 +218,7 @@ def data_mean(
     max_samples: int | None = None,
     batch_size: int = PASS_BATCH_SIZE,
     per: Literal["sample", "batch"] = "sample",
+    label: str | None = None,
 ) -> dict[str, Tensor]:
     """Mean of ``stats`` over the experience's training data, all ranks together.
 
@@ -225,13 +226,14 @@ def data_mean(
     across ranks in one all-reduce and divided by the global number of samples (``per=
     "sample"``) or of batches (``"batch"``). Runs in eval mode (no dropout noise; batch norm
     neither uses nor updates batch statistics, so samples stay independent). A batch that
-    mixes tasks is split by task, so ``stats`` always sees a single head.
+    mixes tasks is split by task, so ``stats`` always sees a single head. A ``label`` shows the
+    pass as a bar while the run shows progress.
     """
     params = named_parameters(module.model)
     totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
     with switched(module.model, training=False), torch.enable_grad():
-        for x, y, t in module.batches(max_samples, batch_size):
+        for x, y, t in module.batches(max_samples, batch_size, label):
             for xs, ys, task in _single_task(x, y, t, module.task_id):
                 for name, value in stats(xs, ys, task).items():
                     totals[name] += value

@@ -85,7 +85,7 @@ class EWC(QuadraticPenalty):
             terms = partial(log_likelihoods, fisher=self.fisher, task=task)
             return per_sample_grad_sums(model, terms, inputs, "square")
 
-        return data_mean(module, sums, max_samples=self.fisher_samples)
+        return data_mean(module, sums, max_samples=self.fisher_samples, label="ewc Fisher")
 
 
 def log_likelihoods(

@@ -46,7 +46,7 @@ class MAS(QuadraticPenalty):
         def sums(x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
             return per_sample_grad_sums(model, partial(squared_norm, task=task), (x,), "abs")
 
-        return data_mean(module, sums, max_samples=self.samples)
+        return data_mean(module, sums, max_samples=self.samples, label="mas importance")
 
 
 def squared_norm(model: ContinualModel, x: Tensor, *, task: int) -> Tensor:

@@ -37,15 +37,23 @@ def test_python_api_writes_the_run_folder(tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["experience_4.ckpt"]
 
 
-def test_progress_shows_training_bars_and_no_evaluation_bar(capsys):
-    """What a terminal shows: each experience's bar, then its accuracies on a line of their own
-    (an evaluation bar, even one hidden after it has drawn, would run into that line)."""
+def test_progress_shows_training_bars_and_passes_and_no_evaluation_bar(capsys):
+    """What a terminal shows: each experience's bar, the importance pass's bar, then the
+    accuracies on a line of their own (an evaluation bar, even one hidden after it has drawn,
+    would run into that line)."""
+    from afmbench.strategies import EWC
+
     scenario = afmbench.build_scenario("split_digits", seed=0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
-    afmbench.run(scenario, model, max_epochs=1, batch_size=64, verbose=True)
+    afmbench.run(scenario, model, [EWC()], max_epochs=1, batch_size=64, verbose=True)
     shown = capsys.readouterr().out
     assert "Validation" not in shown
-    assert shown.count("\rexperience 5/5 epoch 1/1: 100%") >= 1
+    for k in range(1, 6):
+        bar, fisher = (
+            shown.index(f"\rexperience {k}/5 epoch 1/1: 100%"),
+            shown.index(f"\rexperience {k}/5: ewc Fisher:   0%"),
+        )
+        assert bar < fisher < shown.index(f"after experience {k}/5")
     after = [line for line in shown.splitlines() if "after experience" in line]
     assert len(after) == 5 and all(line.startswith("after experience") for line in after)
 

@@ -141,7 +141,7 @@ class ForgettingLayerCallback(ContinualPlugin):
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         self._forget_batch()
         self._omega, _ = neuron_importance(
-            pl_module.model, pl_module.batches(), pl_module.all_reduce_sum
+            pl_module.model, pl_module.batches(label="layer importance"), pl_module.all_reduce_sum
         )
         self._gates = self._gate_sample(pl_module)
         rates = unit_means(
