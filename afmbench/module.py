@@ -75,8 +75,9 @@ class ContinualModule(LightningModule):
     def trainable_parameters(self) -> dict[str, Tensor]:
         """``named_parameters(self.model)``: the trainable parameters by name, built once per
         training epoch for the hooks that run every step (rebuilding it costs ~10 µs, and an
-        SI step asked for it four times)."""
-        if self._epoch_params is not None:
+        SI step asked for it four times). An epoch cut short by an exception leaves the cache
+        behind, so it is used only while the trainer is training."""
+        if self._epoch_params is not None and self._trainer is not None and self._trainer.training:
             return self._epoch_params
         return named_parameters(self.model)
 

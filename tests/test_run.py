@@ -170,10 +170,41 @@ def test_per_step_bookkeeping_is_not_paid_per_step(monkeypatch):
         module.model = "not a module"
     module.extra = torch.nn.Linear(2, 2)
     assert "extra" in module._modules and "extra" not in module.__dict__
-    # the parameters by name are taken afresh each epoch (a callback may freeze some)
-    module.on_train_epoch_start()
-    module.model.body[1].weight.requires_grad_(False)
-    assert "body.1.weight" in module.trainable_parameters()
-    module.on_train_epoch_end()
-    module.on_train_epoch_start()
-    assert "body.1.weight" not in module.trainable_parameters()
+
+
+def test_parameters_by_name_follow_the_model_each_epoch_and_after_a_failure():
+    """``trainable_parameters`` is built once an epoch: a parameter frozen mid-epoch (as a
+    fine-tuning callback might) drops out from the next epoch on. The cache outlives an epoch
+    that raises; afterwards the module must still follow the model, not the stale cache."""
+    from lightning.pytorch import Callback, Trainer
+
+    from afmbench.loader import TensorLoader
+    from afmbench.module import ContinualModule
+
+    model = afmbench.build_model("mlp", (1, 2, 2), (2,), hidden=[3])
+    first, second = list(model.named_parameters())[:2]
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.current_epoch, set(pl_module.trainable_parameters())))
+            if (trainer.current_epoch, batch_idx) == (0, 0):
+                first[1].requires_grad_(False)
+            if (trainer.current_epoch, batch_idx) == (1, 1):
+                raise RuntimeError("died mid-epoch")
+
+    module = ContinualModule(model, n_tasks=1, n_rows=2)
+    module.experience, module.task_id = 0, 0
+    data = (torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,)), torch.zeros(8, dtype=torch.long))
+    trainer = Trainer(max_epochs=2, callbacks=[Probe()], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="died mid-epoch"):
+        trainer.fit(module, train_dataloaders=TensorLoader(data, 4))
+    assert [epoch for epoch, _ in seen] == [0, 0, 1, 1]
+    assert all(first[0] in names for _, names in seen[:2])  # the epoch's cache
+    assert all(first[0] not in names for _, names in seen[2:])  # the next epoch's
+    second[1].requires_grad_(False)
+    assert set(module.trainable_parameters()) == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    assert second[0] not in module.trainable_parameters()
