@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from afmbench.config import require
+from afmbench.errors import DivergenceError
 from afmbench.models import named_parameters
 from afmbench.plugin import ContinualPlugin
 
@@ -130,12 +131,26 @@ class QuadraticPenalty(ContinualPlugin):
         self,
         module: ContinualModule,
         new: dict[str, Tensor],
-        combine: Callable[[Tensor, Tensor], Tensor],
+        combine: Callable[[Tensor, Tensor], Tensor] | None,
     ) -> None:
-        """Keep a single term: Ω = ``combine(Ω_old, new)`` per name, θ* = the current parameters."""
-        old = self.terms_on(module.device)[0].importance if self.terms else {}
-        omega = {n: combine(old[n], value) if n in old else value for n, value in new.items()}
-        self.terms = [Term(omega, snapshot(module.model))]
+        """Keep the experience's importance ``new`` with θ* = the current parameters: as a single
+        term Ω = ``combine(Ω_old, new)`` per name, or (``combine`` None) as a term of its own
+        next to the earlier ones. A NaN or inf in Ω stops the run here: its penalty gradient
+        would otherwise poison every later step while the loss still looks finite."""
+        if combine is None:
+            omega, kept = new, self.terms
+        else:
+            old = self.terms_on(module.device)[0].importance if self.terms else {}
+            omega = {n: combine(old[n], value) if n in old else value for n, value in new.items()}
+            kept = []
+        finite = torch.stack([torch.isfinite(v).all() for v in omega.values()]).tolist()
+        if not all(finite):
+            raise DivergenceError(
+                f"{self.name} importance became NaN or infinite in experience {module.experience} "
+                f"({', '.join(n for n, ok in zip(omega, finite) if not ok)})",
+                "lower optimizer.lr or the strategy's strength; results so far are kept",
+            )
+        self.terms = [*kept, Term(omega, snapshot(module.model))]
 
     def terms_on(self, device: torch.device) -> list[Term]:
         """:attr:`terms`, moved to ``device`` once (restored state arrives on the CPU)."""

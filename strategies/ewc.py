@@ -12,11 +12,9 @@ from torch import Tensor
 from afmbench.persample import per_sample_grad_sums
 from afmbench.strategies.base import (
     QuadraticPenalty,
-    Term,
     check,
     data_mean,
     head_width,
-    snapshot,
     task_logits,
 )
 
@@ -67,11 +65,9 @@ class EWC(QuadraticPenalty):
         self.strength = lambda_ / 2
 
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:
-        fisher = self.estimate(pl_module)
-        if self.mode == "separate":
-            self.terms.append(Term(fisher, snapshot(pl_module.model)))
-        else:
-            self.fold(pl_module, fisher, lambda old, new: self.gamma * old + new)
+        online = self.mode != "separate"
+        combine = (lambda old, new: self.gamma * old + new) if online else None
+        self.fold(pl_module, self.estimate(pl_module), combine)
 
     def estimate(self, module: ContinualModule) -> dict[str, Tensor]:
         """The diagonal Fisher of the current experience's training data."""

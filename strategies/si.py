@@ -34,7 +34,8 @@ class SI(QuadraticPenalty):
 
     Steps are counted in ``on_before_optimizer_step`` (gradients complete, before the update)
     and ``on_train_batch_end`` (after it), so with gradient accumulation ω grows once per real
-    update, on the accumulated gradient.
+    update, on the accumulated gradient. Under 16-bit AMP the gradient scaler skips a step
+    whose gradients overflowed: θ stays put, and that step adds nothing (not ``inf · 0``).
     """
 
     name = "si"
@@ -57,6 +58,7 @@ class SI(QuadraticPenalty):
         self._grad: dict[str, Tensor] = {}
         self._before: dict[str, Tensor] = {}
         self._pending = False  # a step's (g, θ before) is recorded and its update not yet seen
+        self._may_skip = False  # a gradient scaler may skip steps (their g is not finite)
 
     def on_train_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         params = named_parameters(pl_module.model).items()
@@ -66,6 +68,8 @@ class SI(QuadraticPenalty):
         self._grad = {n: torch.empty_like(p) for n, p in params} if self.gradient == "task" else {}
         self._before = {n: torch.empty_like(p) for n, p in params}
         self._pending = False
+        precision = getattr(trainer, "precision_plugin", None)
+        self._may_skip = getattr(precision, "scaler", None) is not None
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: ContinualModule, optimizer: Any
@@ -91,8 +95,12 @@ class SI(QuadraticPenalty):
         with torch.no_grad():
             for n, p in pl_module.trainable_parameters().items():
                 g = self._grad[n] if self.gradient == "task" else p.grad
-                if g is not None:  # no gradient: the step did not follow from one
-                    step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
+                if g is None:  # no gradient: the step did not follow from one
+                    continue
+                step_back = self._before[n].sub_(p)  # θ before − θ after = −Δθ
+                if self._may_skip:  # a skipped step: Δθ = 0 and g inf or NaN
+                    self.path[n].add_(step_back.mul_(g).nan_to_num_(0.0, 0.0, 0.0))
+                else:
                     self.path[n].addcmul_(g, step_back)  # ω += −g Δθ
         self._pending = False
 

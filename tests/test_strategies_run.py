@@ -93,13 +93,17 @@ class LossProbe(ContinualPlugin):
         )
 
 
-def test_si_path_integral_matches_the_loss_drop_under_gradient_accumulation() -> None:
+def two_toy_tasks() -> Scenario:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, 1, 3, 3, generator=g)
     y = torch.stack([(x[0].flatten(1).sum(1) > 0).long(), (x[1][:, 0, 0, 0] > 0).long()])
     t = torch.zeros(64, dtype=torch.long)
     splits = [(x[e], y[e], t) for e in range(2)]
-    scenario = Scenario.from_tensors("toy", "domain", splits, splits, head_sizes=(2,))
+    return Scenario.from_tensors("toy", "domain", splits, splits, head_sizes=(2,))
+
+
+def test_si_path_integral_matches_the_loss_drop_under_gradient_accumulation() -> None:
+    scenario = two_toy_tasks()
     task_si, total_si = SI(c=0.5, xi=0.01), SI(c=0.5, xi=0.01, gradient="total")
     total_si.name = "si_total"  # penalties and checkpoint state are keyed by name
     probes = [LossProbe(task_si), LossProbe(total_si)]
@@ -160,3 +164,24 @@ def test_closed_form_penalty_gradients_train_exactly_like_autograd(
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert closed.metrics["acc"] == pytest.approx(graph.metrics["acc"], abs=1e-3)
+
+
+def test_si_steps_the_fp16_gradient_scaler_skips_add_nothing() -> None:
+    """16-bit AMP: a scaler that starts far too high overflows the first steps and skips them
+    (θ stays put, the gradients hold inf). SI's ω must stay finite and still equal the loss
+    drop; ``inf · 0`` used to turn it to NaN, and with it Ω and every later step."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    si = SI(c=0.5, xi=0.01)
+    probe = LossProbe(si)
+    torch.manual_seed(0)
+    model = mlp((1, 3, 3), (2,), hidden=(8,))
+    run(two_toy_tasks(), model, [probe, si], max_epochs=100, batch_size=64,
+        optimizer=OptimizerConfig(lr=0.025, momentum=0.0), verbose=False,
+        trainer_kwargs={"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]})  # fmt: skip
+    assert scaler.get_scale() < 2.0**30  # more than ten steps were skipped
+    assert all(torch.isfinite(omega).all() for omega in si.importance().values())
+    first, second = probe.records
+    assert first["path"] == pytest.approx(first["task"], rel=0.02)
+    assert second["path"] == pytest.approx(second["task"], rel=0.05)
