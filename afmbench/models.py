@@ -33,12 +33,14 @@ class MultiHead(nn.Module):
             return self._pad(self.heads[task](h))
         if len(self.heads) == 1:
             return self._pad(self.heads[0](h))
-        out = h.new_full((h.shape[0], self.width), float("-inf"))
+        out = None
         for t in task.unique().tolist():
             rows = task == t
             logits = self.heads[t](h[rows])
+            if out is None:  # the heads' dtype: under autocast it need not be h's
+                out = logits.new_full((h.shape[0], self.width), float("-inf"))
             out[rows, : logits.shape[1]] = logits
-        return out
+        return out if out is not None else h.new_empty((0, self.width))
 
     def _pad(self, logits: Tensor) -> Tensor:
         missing = self.width - logits.shape[1]

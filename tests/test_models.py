@@ -36,6 +36,25 @@ def test_mixed_task_batch_equals_one_head_per_sample():
         assert torch.isinf(mixed[i, k:]).all()  # padding of a smaller head is never predicted
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_mixed_task_batch_under_autocast_with_the_forgetting_layer(name):
+    """bf16 autocast: the gates hand the heads float32 while the heads answer in bfloat16; the
+    mixed-task logits take the heads' dtype (writing them into a float32 tensor used to fail)."""
+    from afmbench.forgetting.layer import attach
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if name != "mlp" else (1, 28, 28)
+    model = build_model(name, shape, head_sizes=(2, 5)).eval()
+    attach(model)
+    x, tasks = torch.randn(4, *shape), torch.tensor([0, 1, 1, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        mixed = model(x, tasks)
+        alone = [model(x[i : i + 1], t)[0] for i, t in enumerate(tasks.tolist())]
+    assert mixed.dtype == torch.bfloat16 and mixed.shape == (4, 5)
+    for row, single, k in zip(mixed, alone, (2, 5, 5, 2)):
+        assert torch.equal(row[:k], single[:k]) and torch.isinf(row[k:]).all()
+
+
 def test_hidden_layers_report_their_widths():
     mlp = build_model("mlp", (1, 8, 8), (2,), hidden=[30, 20])
     assert [site.units for site in sites(mlp)] == [30, 20]
