@@ -143,7 +143,9 @@ class QuadraticPenalty(ContinualPlugin):
             old = self.terms_on(module.device)[0].importance if self.terms else {}
             omega = {n: combine(old[n], value) if n in old else value for n, value in new.items()}
             kept = []
-        finite = torch.stack([torch.isfinite(v).all() for v in omega.values()]).tolist()
+        finite = (
+            torch.stack([torch.isfinite(v).all() for v in omega.values()]).tolist() if omega else []
+        )
         if not all(finite):
             raise DivergenceError(
                 f"{self.name} importance became NaN or infinite in experience {module.experience} "
