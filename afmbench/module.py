@@ -98,8 +98,11 @@ class ContinualModule(LightningModule):
             keep = torch.randperm(len(split[0]), generator=generator)[:max_samples]
             split = tuple(t[keep] for t in split)
         loader = TensorLoader(split, batch_size, shuffle=False, pad=False)
+        # as Lightning's loops hand batches to the steps: on the device, and in the dtype of
+        # the weights under a true-precision setting (trainer.precision=bf16-true, 64-true)
+        convert = self.trainer.precision_plugin.convert_input if self._trainer else tuple
         for batch in self.progress(loader, label) if label else loader:
-            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+            yield convert(tuple(t.to(self.device, non_blocking=True) for t in batch))
 
     def progress(self, iterable: Iterable[T], label: str) -> Iterable[T]:
         """``iterable``, shown as a bar labelled ``label`` under the training bar when the run

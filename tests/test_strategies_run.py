@@ -66,15 +66,17 @@ def test_all_strategies_compose_with_a_layer_another_plugin_inserts(permuted: Sc
     assert set(plugins[0].pruned) == {n for n, _ in model.body.named_parameters(prefix="body")}
 
 
-def test_strategies_and_the_forgetting_layer_train_under_bf16_autocast() -> None:
-    """``trainer.precision=bf16-mixed`` (the README's example) on a task-incremental scenario:
-    the layer's gates, every strategy's hooks and the per-task heads under autocast."""
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_strategies_and_the_forgetting_layer_train_in_other_precisions(precision: str) -> None:
+    """``trainer.precision`` (bf16-mixed is the README's example) on a task-incremental
+    scenario: the layer's gates, every strategy's hooks, the per-task heads under autocast, and
+    the importance passes' batches in the weights' dtype (``*-true`` converts the weights)."""
     from afmbench.forgetting import ForgettingLayerCallback
 
     scenario = build_scenario("split_digits", n_experiences=5)
     plugins = [ANPyC(lambda_=0.01, prune=True, retrain_steps=2), SI(c=1.0), MAS(lambda_=0.01),
                EWC(lambda_=10.0), ForgettingLayerCallback()]  # fmt: skip
-    result = train(scenario, plugins, max_epochs=1, trainer_kwargs={"precision": "bf16-mixed"})
+    result = train(scenario, plugins, max_epochs=1, trainer_kwargs={"precision": precision})
     assert (result.accuracy_matrix.diagonal() > 0.8).all(), result.accuracy_matrix
     for plugin in plugins[:4]:
         assert all(torch.isfinite(omega).all() for omega in plugin.importance().values())
