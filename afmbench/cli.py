@@ -259,9 +259,16 @@ def leaderboard_command(args: list[str]) -> int:
     return command(args)
 
 
+def probe_command(args: list[str]) -> int:
+    from afmbench.forgetting.probes import probe_command as command
+
+    return command(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": run_command,
     "leaderboard": leaderboard_command,
+    "probe": probe_command,
 }
 
 

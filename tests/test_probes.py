@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from afmbench.cli import main
 from afmbench.forgetting.probes import (
     PROBES,
     Subject,
@@ -70,7 +71,8 @@ def test_cli_run_with_forgetting_layer_then_probe(tmp_path, capsys):
     trained = build_scenario("split_digits", n_experiences=2)
     assert len(subject.test[0]) == sum(len(trained.test(e)[0]) for e in range(2))
 
-    assert probe_command([str(run_dir), "--repeats", "2", "--max-samples", "300"]) == 0
+    # through the console script's dispatch, as `afmbench probe RUN_DIR ...`
+    assert main(["probe", str(run_dir), "--repeats", "2", "--max-samples", "300"]) == 0
     assert "written to" in capsys.readouterr().out
     folder = run_dir / "probes"
     for name in PROBES:
@@ -84,7 +86,7 @@ def test_cli_run_with_forgetting_layer_then_probe(tmp_path, capsys):
 
 
 def test_probe_command_reports_bad_input(tmp_path, capsys):
-    assert probe_command([str(tmp_path)]) == 2
+    assert main(["probe", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("afmbench: error: ")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert probe_command([str(tmp_path)]) == 2
