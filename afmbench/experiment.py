@@ -204,6 +204,24 @@ def run(
         return state.finish(module, trainer, verbose)
 
 
+def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
+    """Let Lightning vet the ``trainer.*`` options (accelerator, devices, strategy, precision)
+    on this machine before anything is written: one line instead of its traceback. Run where
+    the job runs, not where a sweep is launched (a login node has no GPU)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with _LightningChatter(verbose=False):
+            quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+            Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs})
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
+        raise ConfigError(
+            f"the trainer options do not work here: {str(error).splitlines()[0].rstrip(' .!')}",
+            "change trainer.accelerator, devices, strategy or precision "
+            "(trainer.accelerator=cpu where there is no GPU)",
+        ) from None
+
+
 def default_record(
     scenario: Scenario, plugins: Sequence[ContinualPlugin], joint: bool, seed: int
 ) -> dict[str, Any]:

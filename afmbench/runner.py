@@ -27,7 +27,7 @@ from afmbench.config import (
     to_plain,
 )
 from afmbench.errors import ConfigError
-from afmbench.experiment import RunResult, run
+from afmbench.experiment import RunResult, check_trainer_options, run
 from afmbench.leaderboard import default_db
 from afmbench.loggers import make_logger, wandb_mode
 from afmbench.models import MODELS, build_model
@@ -161,6 +161,7 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     ``group`` names the W&B group when the config leaves it open (a sweep's runs share one).
     """
     p = plan(cfg)
+    check_trainer_options(p.trainer)
     folder = prepare_run_dir(run_dir)
     if p.resume:  # check before anything in the interrupted run's folder is overwritten
         checkpoint = find_checkpoint(p.resume, folder)

@@ -84,6 +84,18 @@ def test_bad_input_through_the_real_command(tmp_path):
     ]
 
 
+def test_trainer_options_lightning_rejects_are_one_line(tmp_path):
+    """Checked where the job runs (a sweep's launcher may have no GPU), before afmbench writes
+    to the run folder (Hydra has made it): Lightning's verdict in one line, not a traceback."""
+    out = run_cli("run", "trainer.devices=0", f"run_dir={tmp_path / 'bad'}", QUIET)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("afmbench: error: ")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "the trainer options do not work here: `Trainer(devices=0)`" in lines[0]
+    assert "fix: change trainer.accelerator, devices" in lines[0]
+    assert {p.name for p in (tmp_path / "bad").iterdir()} <= {".hydra", "afmbench.log"}
+
+
 def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
