@@ -183,6 +183,11 @@ def _suggest_key(key: str, overrides: list[str]) -> str:
         cfg = load_config()
     node = OmegaConf.select(cfg, parent) if parent else cfg
     keys = list(node.keys()) if hasattr(node, "keys") else []
+    if leaf not in keys and (holders := _options_having(parent, leaf)):
+        choices = ", ".join(f"{parent}={h}" for h in holders)
+        if len(holders) == 1:
+            return f"add {choices} ({key} is one of its options)"
+        return f"add one of {choices} ({key} is one of their options)"
     close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=1)
     if close:
         return f"did you mean {parent + '.' if parent else ''}{close[0]}?"
@@ -191,6 +196,19 @@ def _suggest_key(key: str, overrides: list[str]) -> str:
         if not keys
         else f"valid keys: {', '.join(map(str, keys))}"
     )
+
+
+def _options_having(group: str, key: str) -> list[str]:
+    """The options of config group ``group`` (``configs/<group>/*.yaml``) that set ``key``: a
+    strategy's or the forgetting layer's key given without choosing them."""
+    from omegaconf import OmegaConf
+
+    from afmbench.config import config_dir
+
+    folder = Path(config_dir()) / group
+    if not group or "." in group or not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml") if key in OmegaConf.load(p))
 
 
 def route_run_dir(args: list[str], multirun: bool) -> list[str]:

@@ -63,6 +63,9 @@ def test_sweep_runs_every_combination(tmp_path):
         ),
         (["logger.mode=sometimes"], "logger.mode=sometimes is not a W&B mode"),
         (["-m", "seed=0,x"], "seed must be a non-negative whole number, got 'x'"),
+        (["forgetting.rho=2"], "unknown option forgetting.rho; fix: add forgetting=on (forgetting"),
+        (["strategy.c=2"], "fix: add strategy=si (strategy.c is one of its options)"),
+        (["strategy.lambda_=2"], "fix: add one of strategy=anpyc, strategy=ewc, strategy=mas ("),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, expected):
