@@ -97,9 +97,17 @@ class Scenario:
         head_sizes: tuple[int, ...],
         classes: tuple[tuple[int, ...], ...] | None = None,
     ) -> Scenario:
-        """Build a scenario from in-memory tensors (the Python API's way to bring your own data)."""
+        """Build a scenario from in-memory tensors (the Python API's way to bring your own data).
+
+        Each split is ``(x, y, t)``: float32 inputs, integer class indices into the task's
+        head and integer task labels, all of one length. They are checked here, where a wrong
+        dtype or label can be named, rather than deep inside the first training step.
+        """
         if len(train) != len(test):
             raise ValueError("train and test need one split per experience")
+        for kind, splits in (("train", train), ("test", test)):
+            for e, split in enumerate(splits):
+                _check_split(f"{kind} split {e}", split, tuple(train[0][0].shape[1:]), head_sizes)
         tensors = {("train", e): s for e, s in enumerate(train)}
         tensors.update({("test", e): s for e, s in enumerate(test)})
         task_ids = tuple(int(s[2][0]) for s in train)
@@ -114,3 +122,28 @@ class Scenario:
             task_ids=task_ids,
             store=MemoryStore(tensors),
         )
+
+
+def _check_split(
+    where: str, split: Split, input_shape: tuple[int, ...], heads: tuple[int, ...]
+) -> None:
+    """One clear error for a split the models and losses would reject later, or misread."""
+    if len(split) != 3:
+        raise ValueError(f"{where} must be (inputs, labels, task labels), got {len(split)} tensors")
+    x, y, t = split
+    if x.dtype != torch.float32:
+        hint = "x.float()" if x.is_floating_point() else "x.float() / 255 for 8-bit images"
+        raise TypeError(f"{where}: inputs are {x.dtype}; pass float32 ({hint})")
+    for name, labels in (("labels", y), ("task labels", t)):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{where}: {name} are {labels.dtype}; pass integers (e.g. .long())")
+    if not len(x) == len(y) == len(t):
+        raise ValueError(f"{where}: {len(x)} inputs, {len(y)} labels and {len(t)} task labels")
+    if tuple(x.shape[1:]) != input_shape:
+        raise ValueError(f"{where}: inputs of shape {tuple(x.shape[1:])}, not {input_shape}")
+    multi_head = len(heads) > 1  # with one head the task labels choose nothing
+    if multi_head and len(t) and not 0 <= int(t.min()) <= int(t.max()) < len(heads):
+        raise ValueError(f"{where}: task labels must lie in [0, {len(heads)}) (one per head)")
+    width = torch.tensor(heads)[t.long()] if multi_head else heads[0]
+    if len(y) and not ((y >= 0) & (y < width)).all():
+        raise ValueError(f"{where}: labels must be class indices below their head's size {heads}")

@@ -1,5 +1,7 @@
 """Scenarios: protocols, class orders, the tensor cache, and equality with Avalanche's own output."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,40 @@ def test_joint_train_concatenates_every_experience():
 def test_bad_split_parameters_name_the_problem(params, message):
     with pytest.raises(ConfigError, match=message):
         build_scenario("split_digits", **params)
+
+
+def _split(n=8, x=None, y=None, t=None):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(n, 1, 2, 2, generator=g) if x is None else x,
+        torch.randint(0, 2, (n,), generator=g) if y is None else y,
+        torch.zeros(n, dtype=torch.long) if t is None else t,
+    )
+
+
+@pytest.mark.parametrize("split, heads, error, message", [
+    (_split(x=torch.zeros(8, 1, 2, 2, dtype=torch.uint8)), (2,), TypeError,
+     "train split 0: inputs are torch.uint8; pass float32 (x.float() / 255 for 8-bit images)"),
+    (_split(x=torch.zeros(8, 1, 2, 2, dtype=torch.float64)), (2,), TypeError, "pass float32 (x.float())"),
+    (_split(y=torch.zeros(8)), (2,), TypeError, "labels are torch.float32; pass integers"),
+    (_split(t=torch.zeros(8, dtype=torch.bool)), (2,), TypeError, "task labels are torch.bool"),
+    (_split(y=torch.zeros(5, dtype=torch.long)), (2,), ValueError, "8 inputs, 5 labels and 8 task labels"),
+    (_split(y=torch.full((8,), 2)), (2,), ValueError, "labels must be class indices below"),
+    (_split(y=torch.full((8,), -1)), (2,), ValueError, "labels must be class indices below"),
+    (_split(t=torch.full((8,), 2)), (2, 2), ValueError, "task labels must lie in [0, 2)"),
+    # task 1's head has 3 classes, task 0's only 2
+    (_split(y=torch.full((8,), 2), t=torch.tensor([1] * 7 + [0])), (2, 3), ValueError, "below"),
+    (_split()[:2], (2,), ValueError, "must be (inputs, labels, task labels), got 2 tensors"),
+])  # fmt: skip
+def test_scenario_from_tensors_names_what_is_wrong_with_a_split(split, heads, error, message):
+    from afmbench.scenarios import Scenario
+
+    with pytest.raises(error, match=re.escape(message)):
+        Scenario.from_tensors("toy", "task", [split], [_split()], heads)
+    fine = _split(y=torch.full((8,), 2), t=torch.ones(8, dtype=torch.long))  # class 2 of task 1
+    assert Scenario.from_tensors("toy", "task", [fine], [fine], (2, 3)).head_sizes == (2, 3)
+    one_head = _split(t=torch.full((8,), 5))  # with one head the task labels choose nothing
+    assert Scenario.from_tensors("toy", "domain", [one_head], [one_head], (2,)).n_experiences == 1
 
 
 def test_permuted_scenarios_reject_the_class_protocol():
