@@ -103,8 +103,8 @@ class Scenario:
         head and integer task labels, all of one length. They are checked here, where a wrong
         dtype or label can be named, rather than deep inside the first training step.
         """
-        if len(train) != len(test):
-            raise ValueError("train and test need one split per experience")
+        if not train or len(train) != len(test):
+            raise ValueError("train and test need one split per experience (and at least one)")
         for kind, splits in (("train", train), ("test", test)):
             for e, split in enumerate(splits):
                 _check_split(f"{kind} split {e}", split, tuple(train[0][0].shape[1:]), head_sizes)
