@@ -114,6 +114,8 @@ def test_scenario_from_tensors_names_what_is_wrong_with_a_split(split, heads, er
     assert Scenario.from_tensors("toy", "task", [fine], [fine], (2, 3)).head_sizes == (2, 3)
     one_head = _split(t=torch.full((8,), 5))  # with one head the task labels choose nothing
     assert Scenario.from_tensors("toy", "domain", [one_head], [one_head], (2,)).n_experiences == 1
+    with pytest.raises(ValueError, match="at least one"):
+        Scenario.from_tensors("toy", "domain", [], [], (2,))
 
 
 def test_permuted_scenarios_reject_the_class_protocol():
