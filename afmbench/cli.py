@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from afmbench.errors import AfmbenchError, ConfigError
+from afmbench.errors import AfmbenchError, ConfigError, Interrupted
 
 USAGE = """usage: afmbench [command] [options]
 
@@ -266,8 +266,8 @@ def hydra_task(cfg) -> None:
         execute(cfg, run_dir, group=sweep)
     except AfmbenchError as error:
         report(error)
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(error.exit_code)
+        if hydra_cfg.mode != RunMode.MULTIRUN or isinstance(error, Interrupted):
+            sys.exit(error.exit_code)  # Ctrl-C stops a sweep too
         _failed_jobs.append(str(run_dir))
 
 

@@ -30,6 +30,12 @@ class CheckpointError(AfmbenchError):
     """A checkpoint cannot be read (truncated, corrupt, or from another run)."""
 
 
+class Interrupted(AfmbenchError):
+    """The user pressed Ctrl-C; finished experiences are kept and the run can be resumed."""
+
+    exit_code = 130  # the shell's code for a process stopped by SIGINT
+
+
 class DivergenceError(AfmbenchError):
     """The loss became NaN or infinite; the run stops and is recorded as failed."""
 

@@ -33,7 +33,7 @@ from afmbench.checkpoint import (
     run_folder_of,
 )
 from afmbench.config import OptimizerConfig
-from afmbench.errors import AfmbenchError, ConfigError
+from afmbench.errors import AfmbenchError, ConfigError, Interrupted
 from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
 from afmbench.metrics import summarize
@@ -159,6 +159,36 @@ def run(
     state = _RunState(
         record, folder, keep_checkpoints, RunReporter(folder, logger, joint), leaderboard
     )
+
+    def learn(step: int) -> None:
+        """Train experience ``step``, evaluate every task, and bring the run folder up to date
+        (``trainer`` is then this experience's: the last one reports, or is interrupted)."""
+        nonlocal trainer
+        split = scenario.joint_train() if joint else scenario.train(step)
+        module.experience = step
+        module.task_id = _task_argument(scenario, step, joint)
+        module.train_split = split
+        seed_everything(experience_seed(seed, step), verbose=False)
+        loader = TensorLoader(split, batch_size, shuffle=True, seed=experience_seed(seed, step))
+        trainer = make_trainer(len(loader))
+        started = time.perf_counter()
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        except AfmbenchError as error:
+            state.fail(module, error, trainer)
+            raise
+        state.train_s.append(time.perf_counter() - started)
+        if hasattr(logger, "step_offset"):
+            logger.step_offset += trainer.global_step
+        started = time.perf_counter()
+        row = _evaluate(trainer, module, tests, row=step + 1)
+        state.eval_s.append(time.perf_counter() - started)
+        state.save(module, trainer, step)
+        state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
+        if verbose and trainer.is_global_zero:
+            shown = " ".join(f"{a:.3f}" for a in row)
+            print(f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True)
+
     with _LightningChatter(verbose) as chatter, _finishing(logger, verbose):
         trainer = make_trainer()
         chatter.quiet()
@@ -174,33 +204,15 @@ def run(
             seed_everything(experience_seed(seed, -1), verbose=False)
             _evaluate(trainer, module, tests, row=0)
             state.baseline = module.accuracy.compute()[0].cpu().numpy()
-        for step in range(len(state.train_s), steps):
-            split = scenario.joint_train() if joint else scenario.train(step)
-            module.experience = step
-            module.task_id = _task_argument(scenario, step, joint)
-            module.train_split = split
-            seed_everything(experience_seed(seed, step), verbose=False)
-            loader = TensorLoader(split, batch_size, shuffle=True, seed=experience_seed(seed, step))
-            trainer = make_trainer(len(loader))
-            started = time.perf_counter()
-            try:
-                trainer.fit(module, train_dataloaders=loader)
-            except AfmbenchError as error:
-                state.fail(module, error, trainer)
+        try:
+            for step in range(len(state.train_s), steps):
+                learn(step)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Lightning answers Ctrl-C inside fit or validate with SystemExit(1) after marking
+            # the trainer interrupted (and ignores further Ctrl-C while we record it)
+            if isinstance(stop, SystemExit) and not trainer.interrupted:
                 raise
-            state.train_s.append(time.perf_counter() - started)
-            if hasattr(logger, "step_offset"):
-                logger.step_offset += trainer.global_step
-            started = time.perf_counter()
-            row = _evaluate(trainer, module, tests, row=step + 1)
-            state.eval_s.append(time.perf_counter() - started)
-            state.save(module, trainer, step)
-            state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
-            if verbose and trainer.is_global_zero:
-                shown = " ".join(f"{a:.3f}" for a in row)
-                print(
-                    f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True
-                )
+            raise state.interrupted(module, trainer, steps) from None
         return state.finish(module, trainer, verbose)
 
 
@@ -326,11 +338,25 @@ class _RunState:
             curve = [float(np.mean(matrix[i, : i + 1])) for i in range(len(matrix))]
             self.reporter.after_experience(step, matrix, curve, plugins, global_step)
 
-    def fail(self, module: ContinualModule, error: AfmbenchError, trainer: Trainer) -> None:
+    def fail(
+        self, module: ContinualModule, error: AfmbenchError, trainer: Trainer, status="failed"
+    ) -> None:
         """Record a failed run without touching what earlier experiences wrote."""
         if self.folder is not None and trainer.is_global_zero:
-            _, metrics = self.metrics(module, "failed", str(error))
+            _, metrics = self.metrics(module, status, str(error))
             write_json(self.folder / "metrics.json", metrics)
+
+    def interrupted(self, module: ContinualModule, trainer: Trainer, steps: int) -> Interrupted:
+        """Record a run stopped by Ctrl-C (status ``interrupted``) and say how to continue."""
+        done = len(self.train_s)
+        problem = f"interrupted during experience {done + 1}/{steps}"
+        if done and self.folder is not None:
+            resume = f"continue with: afmbench run resume={self.folder}"
+            error = Interrupted(f"{problem}; the {done} finished are kept", resume)
+        else:  # no checkpoint to resume from
+            error = Interrupted(problem, "run it again")
+        self.fail(module, error, trainer, status="interrupted")
+        return error
 
     def finish(self, module: ContinualModule, trainer: Trainer, verbose: bool) -> RunResult:
         matrix, metrics = self.metrics(module, "finished")

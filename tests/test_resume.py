@@ -53,6 +53,36 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert json.loads((folder / "metrics.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
+def test_ctrl_c_records_an_interrupted_run_that_resumes(tmp_path):
+    """SIGINT (Ctrl-C) mid-experience: one line with the resume command, exit code 130,
+    status ``interrupted`` with the finished experiences kept; resuming completes the run."""
+    folder = tmp_path / "stopped"
+    args = [*ARGS, "scenario.n_experiences=2", "logger=none"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "afmbench", "run", *args, f"run_dir={folder}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # the first experience is done, the second under way
+        if line.startswith("after experience 1/2"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "afmbench: error: interrupted during experience 2/2; the 1 finished are kept; "
+        f"fix: continue with: afmbench run resume={folder}"
+    )
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["experiences_done"] == 1
+
+    resumed = run_cli("run", f"resume={folder}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after experience 1/2" in resumed.stdout
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["accuracy_matrix"]) == 2
+
+
 def _tiny_run(folder, **kwargs):
     scenario = afmbench.build_scenario("split_digits", n_experiences=2)
     afmbench.seed_everything(0)
