@@ -339,9 +339,13 @@ class _RunState:
             self.reporter.after_experience(step, matrix, curve, plugins, global_step)
 
     def fail(
-        self, module: ContinualModule, error: AfmbenchError, trainer: Trainer, status="failed"
+        self,
+        module: ContinualModule,
+        error: AfmbenchError,
+        trainer: Trainer,
+        status: str = "failed",
     ) -> None:
-        """Record a failed run without touching what earlier experiences wrote."""
+        """Record a failed (or interrupted) run without touching what earlier experiences wrote."""
         if self.folder is not None and trainer.is_global_zero:
             _, metrics = self.metrics(module, status, str(error))
             write_json(self.folder / "metrics.json", metrics)
