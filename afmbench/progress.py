@@ -37,7 +37,8 @@ class ExperienceProgressBar(TQDMProgressBar):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self.train_progress_bar.set_description(self._experience(pl_module))
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        self.train_progress_bar.set_description(f"{self._experience(pl_module)} {epoch}")
 
     def passing(self, iterable: Iterable[T], label: str, pl_module: ContinualModule) -> Iterator[T]:
         """``iterable`` with a bar that goes away when it is done. Passes run after the last
@@ -46,7 +47,7 @@ class ExperienceProgressBar(TQDMProgressBar):
             self._train_progress_bar.close()  # Lightning's close at the end is then a no-op
         bar = Tqdm(
             iterable,
-            desc=f"{self._experience(pl_module, epoch=False)}: {label}",
+            desc=f"{self._experience(pl_module)}: {label}",
             position=2 * self.process_position,
             disable=self.is_disabled,
             leave=False,
@@ -57,8 +58,5 @@ class ExperienceProgressBar(TQDMProgressBar):
         with bar:
             yield from bar
 
-    def _experience(self, pl_module: ContinualModule, epoch: bool = True) -> str:
-        where = f"experience {pl_module.experience + 1}/{self.n_steps}"
-        if not epoch:
-            return where
-        return f"{where} epoch {self.trainer.current_epoch + 1}/{self.trainer.max_epochs}"
+    def _experience(self, pl_module: ContinualModule) -> str:
+        return f"experience {pl_module.experience + 1}/{self.n_steps}"
