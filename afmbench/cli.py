@@ -23,8 +23,9 @@ commands:
   run [-m] [key=value ...]   train a strategy on a scenario (the default command);
                              -m sweeps comma-separated values, e.g. strategy=naive,ewc seed=0,1
   leaderboard [--scenario S] [--format table|markdown|csv|html] [--db PATH]
-                             rank finished runs
+                             rank finished runs (--add RUN_DIR ... records runs by hand)
   probe RUN_DIR              analyse a finished run (sparsity, importance, ablations)
+  --version                  afmbench's version and its libraries'
 
 `afmbench run --help` lists the configuration groups and their options."""
 
@@ -41,6 +42,22 @@ INFO_FLAGS = (
     "--shell-completion",
     "-sc",
 )
+# Hydra flags followed by a value (``--cfg job``), which is not an override.
+VALUE_FLAGS = (
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+)
 MAX_CHECKED_COMBINATIONS = 64
 
 _failed_jobs: list[str] = []
@@ -52,11 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if args and args[0] in ("-V", "--version") or args[:2] == ["run", "--version"]:
+        print(version_line())
+        return 0
     if args and args[0] in COMMANDS:
         command, args = args[0], args[1:]
     else:
         command = "run"
     return COMMANDS[command](args)
+
+
+def version_line() -> str:
+    """afmbench's version and those of the libraries that decide its numbers."""
+    from afmbench.results import versions
+
+    found = versions()
+    others = ", ".join(f"{k} {v}" for k, v in found.items() if k not in ("afmbench", "platform"))
+    return f"afmbench {found.get('afmbench', '?')} ({others})"
 
 
 def report(error: AfmbenchError) -> None:
@@ -72,11 +101,27 @@ def run_command(args: list[str]) -> int:
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     if not any(a.split("=")[0] in INFO_FLAGS for a in args):
         try:
+            check_words(args)
             check_overrides(overrides, multirun)
         except AfmbenchError as error:
             report(error)
             return error.exit_code
     return launch_hydra(route_run_dir(args, multirun))
+
+
+def check_words(args: list[str]) -> None:
+    """A word that is neither a command, a flag, a flag's value nor ``key=value`` (a misspelt
+    command, a forgotten ``=``) is one line here instead of Hydra's parse error."""
+    for previous, word in zip([None, *args], args):
+        if "=" in word or word.startswith(("-", "~")) or previous in VALUE_FLAGS:
+            continue
+        close = difflib.get_close_matches(word, list(COMMANDS), n=1)
+        raise ConfigError(
+            f"'{word}' is neither a command nor a key=value override",
+            f"did you mean afmbench {close[0]}?"
+            if close
+            else f"commands are {', '.join(COMMANDS)}; overrides are key=value, e.g. seed=1",
+        )
 
 
 def with_saved_overrides(args: list[str]) -> list[str]:
@@ -160,6 +205,9 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
         options = ", ".join(exc.options or [])
         return ConfigError(f"unknown {group} '{name}'", f"use one of {options}")
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if message.startswith("Could not append to config. An item is already at '"):
+        key = message.split("'")[1]
+        return ConfigError(f"{key} already exists", f"set it without the +: {key}=...")
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
         return ConfigError(f"unknown option {key}", _suggest_key(key, overrides))
@@ -174,6 +222,8 @@ def _suggest_key(key: str, overrides: list[str]) -> str:
     from afmbench.config import load_config
 
     parent, _, leaf = key.rpartition(".")
+    if parent == "trainer" and _is_trainer_option(leaf):
+        return f"{leaf} is a Lightning Trainer option outside afmbench's defaults: add it with +{key}=..."
     groups = [
         o for o in overrides if "=" in o and "." not in o.split("=")[0] and not o.startswith("+")
     ]
@@ -196,6 +246,14 @@ def _suggest_key(key: str, overrides: list[str]) -> str:
         if not keys
         else f"valid keys: {', '.join(map(str, keys))}"
     )
+
+
+def _is_trainer_option(name: str) -> bool:
+    import inspect
+
+    import lightning
+
+    return name in inspect.signature(lightning.Trainer).parameters
 
 
 def _options_having(group: str, key: str) -> list[str]:

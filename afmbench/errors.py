@@ -30,6 +30,11 @@ class CheckpointError(AfmbenchError):
     """A checkpoint cannot be read (truncated, corrupt, or from another run)."""
 
 
+class LeaderboardError(AfmbenchError):
+    """The leaderboard file cannot be read or written (not an SQLite file, another schema, no
+    write access)."""
+
+
 class Interrupted(AfmbenchError):
     """The user pressed Ctrl-C; finished experiences are kept and the run can be resumed."""
 

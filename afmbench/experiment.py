@@ -33,7 +33,7 @@ from afmbench.checkpoint import (
     run_folder_of,
 )
 from afmbench.config import OptimizerConfig
-from afmbench.errors import AfmbenchError, ConfigError, Interrupted
+from afmbench.errors import AfmbenchError, ConfigError, Interrupted, LeaderboardError
 from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
 from afmbench.metrics import summarize
@@ -116,6 +116,7 @@ def run(
             "checkpoints are keyed by name)",
             "stack different strategies, or subclass one and give it its own `name`",
         )
+    check_own_trainer_options(trainer_kwargs or {})
     for plugin in plugins:
         plugin.prepare(model)
     steps = 1 if joint else scenario.n_experiences
@@ -216,6 +217,37 @@ def run(
         return state.finish(module, trainer, verbose)
 
 
+# Trainer options that afmbench sets itself, and what to do instead.
+OWN_TRAINER_OPTIONS = {
+    "logger": "choose it with logger=wandb|csv|none (run(logger=...) from Python)",
+    "callbacks": "pass callbacks as plugins (a plugin is a Lightning Callback)",
+    "enable_checkpointing": "remove it: a checkpoint is written after every experience "
+    "(checkpoint.keep_all=true keeps them all)",
+    "default_root_dir": "choose the run folder with run_dir=PATH",
+    "num_sanity_val_steps": "remove it: evaluation runs after each experience, not inside fit",
+    "limit_val_batches": "remove it: accuracies are measured on whole test sets, so that runs "
+    "compare",
+    "use_distributed_sampler": "remove it: under DDP each process takes its share of every batch",
+    "barebones": "remove it: afmbench needs the hooks it disables; logger=none "
+    "trainer.enable_progress_bar=false is the leanest run",
+}
+
+
+def check_own_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
+    """Refuse, in one line, a Trainer option that afmbench sets itself (Lightning would fail
+    with a duplicate keyword) or that would change what a run measures."""
+    for key in trainer_kwargs:
+        if key in OWN_TRAINER_OPTIONS:
+            raise ConfigError(f"trainer.{key} is afmbench's to set", OWN_TRAINER_OPTIONS[key])
+    strategy = trainer_kwargs.get("strategy")
+    if isinstance(strategy, str) and any(w in strategy for w in ("spawn", "fork", "notebook")):
+        raise ConfigError(
+            f"trainer.strategy={strategy} starts new processes for every fit, and a continual run "
+            "keeps its strategies' state from one experience's fit to the next",
+            "use trainer.strategy=ddp (its processes live for the whole run)",
+        )
+
+
 def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
     """Let Lightning vet the ``trainer.*`` options (accelerator, devices, strategy, precision)
     on this machine before anything is written: one line instead of its traceback. Run where
@@ -229,7 +261,7 @@ def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
     except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
         raise ConfigError(
             f"the trainer options do not work here: {str(error).splitlines()[0].rstrip(' .!')}",
-            "change trainer.accelerator, devices, strategy or precision "
+            "change or remove the trainer option it names "
             "(trainer.accelerator=cpu where there is no GPU)",
         ) from None
 
@@ -371,12 +403,26 @@ class _RunState:
                     self.folder / "accuracy_matrix.csv", matrix, self.record["strategy"] == "joint"
                 )
                 write_json(self.folder / "metrics.json", metrics)
-            if self.leaderboard is not None:
-                record_run(self.leaderboard, metrics, self.folder)
         result = RunResult(matrix, self.baseline, metrics, self.folder, module)
         if verbose and trainer.is_global_zero:
             print(result.report(), flush=True)
+        if self.leaderboard is not None and trainer.is_global_zero:
+            self.add_to_leaderboard(metrics)
         return result
+
+    def add_to_leaderboard(self, metrics: dict[str, Any]) -> None:
+        """Record the finished run; if the leaderboard refuses, say that the results are kept
+        and how to add them later."""
+        try:
+            record_run(self.leaderboard, metrics, self.folder)
+        except LeaderboardError as error:
+            if self.folder is None:
+                raise
+            raise LeaderboardError(
+                f"{error.problem} (the run finished; its results are kept in {self.folder})",
+                "move that file away (or choose another with --db PATH), then add the run: "
+                f"afmbench leaderboard --add {self.folder}",
+            ) from error
 
 
 @contextmanager

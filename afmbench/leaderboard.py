@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from afmbench.errors import AfmbenchError, LeaderboardError
+
 DEFAULT_DB = "runs/leaderboard.sqlite"
 COLUMNS = (
     "run_dir", "finished_at", "scenario", "protocol", "strategy", "forgetting_layer", "seed",
@@ -53,11 +55,39 @@ def default_db() -> Path:
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating if needed) the leaderboard; waits for other writers instead of failing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=120, isolation_level=None)
-    con.execute("PRAGMA busy_timeout = 120000")
-    con.executescript(SCHEMA)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=120, isolation_level=None)
+        con.execute("PRAGMA busy_timeout = 120000")
+        con.executescript(SCHEMA)
+    except (OSError, sqlite3.Error) as exc:
+        raise unusable(path, exc) from exc
     return con
+
+
+def check_db(path: str | Path) -> None:
+    """Fail now, before a run, if the leaderboard at ``path`` could not take its row at the end:
+    a file that is not SQLite, or whose ``runs`` table is not afmbench's. Creates nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            columns = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise unusable(path, exc) from exc
+    if columns and not set(COLUMNS) <= columns:
+        raise unusable(path, "its table 'runs' is not an afmbench leaderboard")
+
+
+def unusable(path: Path, why: object) -> LeaderboardError:
+    return LeaderboardError(
+        f"cannot use the leaderboard {path}: {why}",
+        "move that file away, or point leaderboard.db=PATH (--db PATH) at another file",
+    )
 
 
 def record_run(path: str | Path, metrics: dict[str, Any], run_dir: str | Path | None) -> None:
@@ -84,9 +114,11 @@ def record_run(path: str | Path, metrics: dict[str, Any], run_dir: str | Path | 
             [row[c] for c in COLUMNS],
         )
         con.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         if con.in_transaction:
             con.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):  # another table of that name, a read-only file, ...
+            raise unusable(Path(path), exc) from exc
         raise
     finally:
         con.close()
@@ -149,6 +181,7 @@ def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
     """Every configuration on the leaderboard, ranked by mean ACC within scenario and protocol."""
     if not Path(path).is_file():
         return []
+    check_db(path)
     con = connect(path)
     con.row_factory = sqlite3.Row
     try:
@@ -283,7 +316,7 @@ def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:
 
 
 def leaderboard_command(args: list[str]) -> int:
-    """``afmbench leaderboard``: print (or write) the ranked table."""
+    """``afmbench leaderboard``: print (or write) the ranked table, or ``--add`` finished runs."""
     parser = argparse.ArgumentParser(prog="afmbench leaderboard", description="Rank finished runs.")
     parser.add_argument(
         "--db",
@@ -297,19 +330,55 @@ def leaderboard_command(args: list[str]) -> int:
     )
     parser.add_argument("--wandb", action="store_true", help="also push the table to W&B")
     parser.add_argument("--wandb-mode", default=None, help="offline (default), online or disabled")
+    parser.add_argument(
+        "--add",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="add finished runs from their run folders (e.g. recorded with leaderboard.record=false)",
+    )
     options = parser.parse_args(args)
     db = Path(options.db) if options.db else default_db()
-    if not db.is_file():
-        print(f"afmbench: error: no leaderboard at {db}; fix: finish a run first "
-              "(`afmbench run`) or pass --db PATH", file=sys.stderr)  # fmt: skip
-        return 2
-    groups = load_groups(db, options.scenario)
-    text = render(groups, options.format)
-    if options.output:
-        Path(options.output).write_text(text)
-        print(f"wrote {options.output} ({sum(len(g.runs) for g in groups)} runs)")
-    else:
-        sys.stdout.write(text)
+    try:
+        if options.add:
+            for folder in options.add:
+                record_run(db, finished_metrics(Path(folder)), folder)
+            print(f"added {len(options.add)} run(s) to {db}")
+            return 0
+        if not db.is_file():
+            raise LeaderboardError(
+                f"no leaderboard at {db}", "finish a run first (`afmbench run`) or pass --db PATH"
+            )
+        groups = load_groups(db, options.scenario)
+        text = render(groups, options.format)
+        if options.output:
+            Path(options.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(options.output).write_text(text)
+            print(f"wrote {options.output} ({sum(len(g.runs) for g in groups)} runs)")
+        else:
+            sys.stdout.write(text)
+    except AfmbenchError as error:
+        from afmbench.cli import report
+
+        report(error)
+        return error.exit_code
     if options.wandb:
         push_to_wandb(groups, "afmbench", options.wandb_mode)
     return 0
+
+
+def finished_metrics(folder: Path) -> dict[str, Any]:
+    """The ``metrics.json`` of the finished run in ``folder``."""
+    path = folder / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LeaderboardError(
+            f"cannot add {folder}: no readable metrics.json ({exc})",
+            "pass the folder of a run made by `afmbench run`",
+        ) from exc
+    if metrics.get("status") != "finished":
+        raise LeaderboardError(
+            f"cannot add {folder}: its status is {metrics.get('status')!r}, not 'finished'",
+            f"finish it first: afmbench run resume={folder}",
+        )
+    return metrics

@@ -27,8 +27,8 @@ from afmbench.config import (
     to_plain,
 )
 from afmbench.errors import ConfigError
-from afmbench.experiment import RunResult, check_trainer_options, run
-from afmbench.leaderboard import default_db
+from afmbench.experiment import RunResult, check_own_trainer_options, check_trainer_options, run
+from afmbench.leaderboard import check_db, default_db
 from afmbench.loggers import make_logger, wandb_mode
 from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
@@ -103,9 +103,17 @@ def plan(cfg: DictConfig) -> Plan:
     )
     data = DataConfig(**check_params(cfg.data, DataConfig, "data", skip=()))
     trainer = check_params(cfg.trainer, lightning.Trainer, "trainer", skip=())
+    check_own_trainer_options(trainer)
     logger = to_plain(cfg.logger)
     if logger.get("name") == "wandb":
         wandb_mode(logger.get("mode"))  # an unknown mode fails here, not mid-run
+    leaderboard = (
+        (Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db())
+        if cfg.leaderboard.record
+        else None
+    )
+    if leaderboard is not None:
+        check_db(leaderboard)  # a sweep learns it before its first job, not after each one
     record = {
         "scenario": scenario_name,
         "protocol": scenario.get("protocol", _default(scenario_builder(scenario_name), "protocol")),
@@ -128,9 +136,7 @@ def plan(cfg: DictConfig) -> Plan:
         logger=logger,
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
         resume=cfg.resume,
-        leaderboard=(Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db())
-        if cfg.leaderboard.record
-        else None,
+        leaderboard=leaderboard,
         record=record,
     )
 

@@ -66,6 +66,37 @@ def test_sweep_runs_every_combination(tmp_path):
         (["forgetting.rho=2"], "unknown option forgetting.rho; fix: add forgetting=on (forgetting"),
         (["strategy.c=2"], "fix: add strategy=si (strategy.c is one of its options)"),
         (["strategy.lambda_=2"], "fix: add one of strategy=anpyc, strategy=ewc, strategy=mas ("),
+        (
+            ["trainer.max_steps=3"],
+            "fix: max_steps is a Lightning Trainer option outside afmbench's "
+            "defaults: add it with +trainer.max_steps=...",
+        ),
+        (
+            ["+trainer.logger=false"],
+            "trainer.logger is afmbench's to set; fix: choose it with logger=",
+        ),
+        (
+            ["+trainer.callbacks=null"],
+            "trainer.callbacks is afmbench's to set; fix: pass callbacks",
+        ),
+        (
+            ["+trainer.enable_checkpointing=true"],
+            "trainer.enable_checkpointing is afmbench's to set",
+        ),
+        (["+trainer.default_root_dir=x"], "fix: choose the run folder with run_dir=PATH"),
+        (["+trainer.limit_val_batches=0"], "trainer.limit_val_batches is afmbench's to set"),
+        (["+trainer.barebones=true"], "trainer.barebones is afmbench's to set"),
+        (
+            ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"],
+            "fix: use trainer.strategy=ddp",
+        ),
+        (["+trainer.strategy=ddp"], "trainer.strategy already exists; fix: set it without the +"),
+        (
+            ["leaderbord"],
+            "'leaderbord' is neither a command nor a key=value override; fix: did "
+            "you mean afmbench leaderboard?",
+        ),
+        (["seed", "1"], "'seed' is neither a command nor a key=value override; fix: commands are"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, expected):
@@ -95,7 +126,7 @@ def test_trainer_options_lightning_rejects_are_one_line(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.startswith("afmbench: error: ")]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "the trainer options do not work here: `Trainer(devices=0)`" in lines[0]
-    assert "fix: change trainer.accelerator, devices" in lines[0]
+    assert "fix: change or remove the trainer option it names" in lines[0]
     assert {p.name for p in (tmp_path / "bad").iterdir()} <= {".hydra", "afmbench.log"}
 
 
@@ -130,6 +161,16 @@ def test_missing_data_names_the_files_and_exits_2(tmp_path):
 def test_help_lists_commands():
     out = run_cli("--help")
     assert out.returncode == 0 and "leaderboard" in out.stdout and "run" in out.stdout
+
+
+def test_version_is_afmbench_s_not_hydra_s(capsys):
+    from importlib.metadata import version
+
+    for args in (["--version"], ["run", "--version"]):
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"afmbench {version('afmbench')} (") and "Hydra" not in out
+        assert f"torch {version('torch')}" in out and f"lightning {version('lightning')}" in out
 
 
 def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path):

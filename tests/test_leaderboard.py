@@ -175,3 +175,86 @@ def test_html_report_embeds_the_figures(db, tmp_path):
         pixels.max(axis=2) - pixels.min(axis=2)
     ) > 60  # plots, not just black text on white
     assert colourful.mean() > 0.01
+
+
+def _row(db, run_dir):
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        row = dict(con.execute("SELECT * FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone())
+    finally:
+        con.close()
+    return {k: v for k, v in row.items() if k not in ("id", "finished_at")}
+
+
+def test_a_refused_leaderboard_keeps_the_run_and_add_records_it_later(tmp_path, capsys):
+    """A leaderboard that stops working during a run fails the run in one line that says the
+    results are kept, and ``--add`` then records exactly the row the live run would have."""
+    import afmbench
+    from afmbench.errors import LeaderboardError
+
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2, protocol="task")
+
+    def run(folder, board):
+        afmbench.seed_everything(0)
+        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+        return afmbench.run(scenario, model, [], max_epochs=1, run_dir=folder,
+                            leaderboard=board, verbose=False)  # fmt: skip
+
+    live = tmp_path / "live.sqlite"
+    run(tmp_path / "a", live)
+    broken = tmp_path / "broken.sqlite"
+    broken.write_text("not a database")
+    with pytest.raises(LeaderboardError) as caught:
+        run(tmp_path / "b", broken)
+    message = str(caught.value)
+    assert "file is not a database" in message and "results are kept" in message
+    assert f"afmbench leaderboard --add {tmp_path / 'b'}" in message
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["status"] == "finished"
+
+    later = tmp_path / "later.sqlite"
+    argv = ["--add", str(tmp_path / "a"), str(tmp_path / "b"), "--db", str(later)]
+    assert leaderboard_command(argv) == 0
+    assert _row(later, tmp_path / "a") == _row(live, tmp_path / "a")
+    b = _row(later, tmp_path / "b")
+    assert b["acc"] == pytest.approx(_row(live, tmp_path / "a")["acc"])  # same seed, same run
+    assert len(load_groups(later)[0].runs) == 2
+
+
+def test_add_refuses_an_unfinished_run(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    assert leaderboard_command(["--add", str(folder), "--db", str(tmp_path / "b.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "status is 'failed'" in err and f"resume={folder}" in err
+    assert not (tmp_path / "b.sqlite").exists() or load_groups(tmp_path / "b.sqlite") == []
+    assert leaderboard_command(["--add", str(tmp_path / "nowhere")]) == 2
+    assert "no readable metrics.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["text", "other-table"])
+def test_an_unusable_leaderboard_is_one_line_before_anything_runs(tmp_path, content):
+    import sqlite3
+
+    from tests.conftest import run_cli
+
+    board = tmp_path / "board.sqlite"
+    if content == "text":
+        board.write_text("not a database")
+    else:  # an SQLite file of something else, with a table of the same name
+        con = sqlite3.connect(board)
+        con.execute("CREATE TABLE runs (name TEXT)")
+        con.commit()
+        con.close()
+    for command in (
+        ["leaderboard", "--db", str(board)],
+        ["run", f"leaderboard.db={board}", f"run_dir={tmp_path / 'run'}", "logger=none"],
+    ):
+        proc = run_cli(*command)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert f"cannot use the leaderboard {board}" in proc.stderr
+    assert not (tmp_path / "run").exists()
