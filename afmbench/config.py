@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections.abc
 import copy
 import difflib
+import functools
 import hashlib
 import inspect
 import json
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -153,6 +155,33 @@ def check_params(
     return kwargs
 
 
+def typed_arguments(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """``fn`` with its named arguments coerced to their type hints first, so that a call from
+    Python gets the command line's one-line errors (``where.key must be a number, ...``)."""
+    signature = inspect.signature(fn)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    hints: dict[str, Any] | None = None
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hints
+        if hints is None:  # resolved on first use: names a module defines later are known then
+            try:
+                hints = typing.get_type_hints(fn)
+            except Exception:  # unresolvable annotations: leave the values as given
+                hints = {}
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            parameter = signature.parameters[name]
+            if name in hints and parameter.kind in named:
+                bound.arguments[name] = coerce(
+                    value, hints[name], f"{where}.{name}", parameter.default
+                )
+        return fn(*bound.args, **bound.kwargs)
+
+    return checked
+
+
 def coerce(value: Any, annotation: Any, key: str, default: Any = inspect.Parameter.empty) -> Any:
     """Return ``value`` converted to ``annotation`` or raise a one-line :class:`ConfigError`."""
     try:
@@ -190,12 +219,12 @@ def _coerce(value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise TypeError
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if annotation is int:  # numpy's integers included
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         raise TypeError
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         raise TypeError
     if annotation is str:

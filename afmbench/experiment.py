@@ -108,7 +108,8 @@ def run(
     last complete experience; the result equals that of an uninterrupted run. A finished run
     is added to the SQLite ``leaderboard`` file when one is given.
     """
-    plugins = list(plugins)
+    plugins = check_inputs(scenario, model, plugins)
+    check_loop_options(max_epochs, batch_size, eval_batch_size, trainer_kwargs or {})
     names = [p.name for p in plugins]
     if len(set(names)) != len(names):
         raise ConfigError(
@@ -116,7 +117,6 @@ def run(
             "checkpoints are keyed by name)",
             "stack different strategies, or subclass one and give it its own `name`",
         )
-    check_own_trainer_options(trainer_kwargs or {})
     for plugin in plugins:
         plugin.prepare(model)
     steps = 1 if joint else scenario.n_experiences
@@ -215,6 +215,56 @@ def run(
                 raise
             raise state.interrupted(module, trainer, steps) from None
         return state.finish(module, trainer, verbose)
+
+
+def check_inputs(scenario: Any, model: Any, plugins: Any) -> list[ContinualPlugin]:
+    """``run``'s first three arguments, or a one-line :class:`ConfigError` naming the mix-up.
+    A scenario may be any object with a Scenario's interface (a wrapper that subsamples)."""
+    if not all(hasattr(scenario, a) for a in ("n_experiences", "train", "test", "head_sizes")):
+        raise ConfigError(
+            f"scenario must be a Scenario, got {type(scenario).__name__}",
+            "build it with afmbench.build_scenario(name, ...) or Scenario.from_tensors(...)",
+        )
+    if not isinstance(model, ContinualModel):
+        raise ConfigError(
+            f"model must be a ContinualModel (head(body(x), task)), got {type(model).__name__}",
+            "build it with afmbench.build_model(name, scenario.input_shape, scenario.head_sizes)"
+            " or wrap your layers as ContinualModel(body, MultiHead(...))",
+        )
+    if isinstance(plugins, ContinualPlugin):
+        raise ConfigError("plugins must be a list", f"pass [{type(plugins).__name__}(...)]")
+    plugins = list(plugins)
+    for plugin in plugins:
+        if isinstance(plugin, type) and issubclass(plugin, ContinualPlugin):
+            raise ConfigError(
+                f"plugin {plugin.__name__} is a class", f"pass an instance: {plugin.__name__}()"
+            )
+        if not isinstance(plugin, ContinualPlugin):
+            raise ConfigError(
+                f"plugin {plugin!r} is a {type(plugin).__name__}, not a ContinualPlugin",
+                "pass instances such as afmbench.strategies.EWC(lambda_=100.0)",
+            )
+    return plugins
+
+
+def check_loop_options(
+    max_epochs: Any, batch_size: Any, eval_batch_size: Any, trainer_kwargs: dict[str, Any]
+) -> None:
+    """Sizes that would train nothing, forever, or crash deep in a loader."""
+    for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a whole number >= 1", f"e.g. {key}=64")
+    bounded = trainer_kwargs.get("max_steps", -1) not in (-1, None) or trainer_kwargs.get(
+        "max_time"
+    )
+    valid_int = isinstance(max_epochs, int) and not isinstance(max_epochs, bool)
+    if not (valid_int and max_epochs >= 1) and not (bounded and max_epochs in (-1, None)):
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs!r} must be a whole number >= 1 (epochs per "
+            "experience; -1 only with +trainer.max_steps)",
+            "e.g. trainer.max_epochs=1",
+        )
+    check_own_trainer_options(trainer_kwargs)
 
 
 # Trainer options that afmbench sets itself, and what to do instead.

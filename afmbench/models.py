@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from afmbench.config import check_params
 from afmbench.errors import ConfigError
 
 
@@ -207,4 +208,7 @@ def build_model(
     """Build model ``name`` for a scenario's input shape and output heads."""
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'", f"use one of {', '.join(MODELS)}")
-    return MODELS[name](tuple(input_shape), tuple(head_sizes), **params)
+    builder = MODELS[name]
+    return builder(
+        tuple(input_shape), tuple(head_sizes), **check_params(params, builder, "model", skip=())
+    )

@@ -29,14 +29,23 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from afmbench.config import typed_arguments
+
 if TYPE_CHECKING:
     from afmbench.models import ContinualModel
     from afmbench.module import ContinualModule
 
 
 class ContinualPlugin(Callback):
-    """Base class of strategy plugins and the forgetting-layer callback."""
+    """Base class of strategy plugins and the forgetting-layer callback.
 
+    A subclass's constructor arguments are checked against its type hints before its
+    ``__init__`` runs (``EWC(lambda_="big")`` is a one-line :class:`ConfigError`, as on the
+    command line); :attr:`config_group` names them in the message.
+    """
+
+    #: Where the constructor's arguments live in the CLI's configuration.
+    config_group: str = "strategy"
     #: Short name used in logs (``train/penalty/<name>``), checkpoints and results.
     name: str = "plugin"
     #: Set by plugins that need the gradient of the task loss alone (SI). In a callback's
@@ -49,6 +58,11 @@ class ContinualPlugin(Callback):
     #: gradient in its own ``on_before_optimizer_step`` (after every callback's): one fused
     #: update per parameter instead of a graph of four operations and their backward.
     closed_form_grad: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = typed_arguments(cls.__dict__["__init__"], cls.config_group)
 
     def prepare(self, model: ContinualModel) -> None:
         """Change ``model``'s structure before an optimizer or a checkpoint sees it (idempotent)."""

@@ -27,7 +27,7 @@ from afmbench.config import (
     to_plain,
 )
 from afmbench.errors import ConfigError
-from afmbench.experiment import RunResult, check_own_trainer_options, check_trainer_options, run
+from afmbench.experiment import RunResult, check_loop_options, check_trainer_options, run
 from afmbench.leaderboard import check_db, default_db
 from afmbench.loggers import make_logger, wandb_mode
 from afmbench.models import MODELS, build_model
@@ -103,7 +103,7 @@ def plan(cfg: DictConfig) -> Plan:
     )
     data = DataConfig(**check_params(cfg.data, DataConfig, "data", skip=()))
     trainer = check_params(cfg.trainer, lightning.Trainer, "trainer", skip=())
-    check_own_trainer_options(trainer)
+    check_loop_options(trainer.get("max_epochs", 1), data.batch_size, data.eval_batch_size, trainer)
     logger = to_plain(cfg.logger)
     if logger.get("name") == "wandb":
         wandb_mode(logger.get("mode"))  # an unknown mode fails here, not mid-run

@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from afmbench.config import check_params
 from afmbench.errors import ConfigError
 from afmbench.scenarios.base import PROTOCOLS, MemoryStore, Scenario, Split
 from afmbench.scenarios.cifar import split_cifar10, split_cifar100, split_cifar110
@@ -42,7 +43,7 @@ def build_scenario(
     builder = scenario_builder(name)
     accepted = inspect.signature(builder).parameters
     locations = {k: v for k, v in (("root", root), ("cache", cache)) if k in accepted}
-    return builder(**params, **locations)
+    return builder(**check_params(params, builder, "scenario", skip=()), **locations)
 
 
 __all__ = [

@@ -208,3 +208,97 @@ def test_parameters_by_name_follow_the_model_each_epoch_and_after_a_failure():
         n for n, p in model.named_parameters() if p.requires_grad
     }
     assert second[0] not in module.trainable_parameters()
+
+
+def _api_call(case):
+    """Build what ``case`` names with one mistake in it and call ``afmbench.run`` on it."""
+    from afmbench.strategies import EWC
+
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
+    args, kwargs = [scenario, model, []], {"verbose": False}
+    if case == "scenario name":
+        args[0] = "split_digits"
+    elif case == "torch module":
+        args[1] = torch.nn.Linear(64, 10)
+    elif case == "bare plugin":
+        args[2] = EWC()
+    elif case == "plugin class":
+        args[2] = [EWC]
+    elif case == "plugin name":
+        args[2] = ["ewc"]
+    elif case == "no epochs":
+        kwargs["max_epochs"] = 0
+    elif case == "endless epochs":
+        kwargs["max_epochs"] = -1
+    elif case == "empty batches":
+        kwargs["batch_size"] = 0
+    elif case == "trainer logger":
+        kwargs["trainer_kwargs"] = {"logger": False}
+    return afmbench.run(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("scenario name", "scenario must be a Scenario, got str"),
+        ("torch module", "model must be a ContinualModel (head(body(x), task)), got Linear"),
+        ("bare plugin", "plugins must be a list; fix: pass [EWC(...)]"),
+        ("plugin class", "plugin EWC is a class; fix: pass an instance: EWC()"),
+        ("plugin name", "plugin 'ewc' is a str, not a ContinualPlugin"),
+        ("no epochs", "trainer.max_epochs=0 must be a whole number >= 1"),
+        ("endless epochs", "trainer.max_epochs=-1 must be a whole number >= 1"),
+        ("empty batches", "data.batch_size=0 must be a whole number >= 1"),
+        ("trainer logger", "trainer.logger is afmbench's to set; fix: choose it with logger="),
+    ],
+)
+def test_python_api_mistakes_are_one_config_error(case, expected):
+    with pytest.raises(afmbench.ConfigError) as caught:
+        _api_call(case)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_max_epochs_minus_one_is_fine_with_a_step_budget():
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
+    result = afmbench.run(scenario, model, [], max_epochs=-1, verbose=False,
+                          trainer_kwargs={"max_steps": 3})  # fmt: skip
+    assert result.module.trainer.global_step == 3  # the last experience's fit: three steps
+
+
+def test_constructor_arguments_are_checked_and_coerced_like_the_cli():
+    from afmbench.forgetting import ForgettingLayerCallback
+    from afmbench.plugin import ContinualPlugin
+    from afmbench.strategies import EWC, MAS, SI, ANPyC
+
+    mistakes = [
+        (lambda: EWC(lambda_="big"), "strategy.lambda_ must be a number, got 'big' (str)"),
+        (lambda: EWC(fisher="fast"), "strategy.fisher must be one of empirical, sampled, exact"),
+        (lambda: SI(gradient="nope"), "strategy.gradient must be one of task, total"),
+        (lambda: MAS(lambda_=None), "strategy.lambda_ must be a number, got None"),
+        (lambda: ANPyC(prune="yes"), "strategy.prune must be true or false, got 'yes'"),
+        (lambda: ForgettingLayerCallback(rho="2"), "forgetting.rho must be a number, got '2'"),
+        (lambda: afmbench.build_model("mlp", (64,), (10,), hidden="64"),
+         "model.hidden must be a list of whole numbers, got '64'"),
+        (lambda: afmbench.build_scenario("split_digits", n_experiencs=2),
+         "unknown option scenario.n_experiencs; fix: did you mean scenario.n_experiences?"),
+    ]  # fmt: skip
+    for make, expected in mistakes:
+        with pytest.raises(afmbench.ConfigError, match=None) as caught:
+            make()
+        assert expected in str(caught.value), str(caught.value)
+
+    # values of the right kind are converted, numpy's included; a user's plugin is checked too
+    ewc = EWC(lambda_=np.int64(100), fisher_samples=np.int64(5))
+    assert type(ewc.lambda_) is float and type(ewc.fisher_samples) is int
+
+    class Scaled(ContinualPlugin):
+        config_group = "mine"
+
+        def __init__(self, scale: float = 1.0, **extra) -> None:
+            super().__init__()
+            self.scale, self.extra = scale, extra
+
+    assert Scaled(2, note="kept as given").extra == {"note": "kept as given"}
+    with pytest.raises(afmbench.ConfigError, match="mine.scale must be a number"):
+        Scaled(scale=[1])

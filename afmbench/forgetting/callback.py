@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-import typing
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from afmbench.config import coerce, require
+from afmbench.config import require
 from afmbench.forgetting.importance import (
     neuron_importance,
     parameter_importance,
@@ -55,6 +53,7 @@ class ForgettingLayerCallback(ContinualPlugin):
     """
 
     name = "forgetting"
+    config_group = "forgetting"
     is_forgetting_layer = True
 
     def __init__(
@@ -67,21 +66,8 @@ class ForgettingLayerCallback(ContinualPlugin):
         irs: bool = True,
     ) -> None:
         super().__init__()
-        # the Python API gets the same one-line errors as the CLI
-        signature = inspect.signature(ForgettingLayerCallback.__init__).parameters
-        hints = typing.get_type_hints(ForgettingLayerCallback.__init__)
-        given = {
-            "rho": rho,
-            "lambda_f": lambda_f,
-            "beta": beta,
-            "mode": mode,
-            "ers": ers,
-            "irs": irs,
-        }
-        for key, value in given.items():
-            setattr(
-                self, key, coerce(value, hints[key], f"forgetting.{key}", signature[key].default)
-            )
+        self.rho, self.lambda_f, self.beta = rho, lambda_f, beta
+        self.mode, self.ers, self.irs = mode, ers, irs
         require(
             self.rho > 0, f"forgetting.rho={self.rho} must be positive", "e.g. forgetting.rho=1"
         )
