@@ -349,10 +349,22 @@ def leaderboard_command(args: list[str]) -> int:
                 f"no leaderboard at {db}", "finish a run first (`afmbench run`) or pass --db PATH"
             )
         groups = load_groups(db, options.scenario)
+        if options.scenario and not groups:
+            present = sorted({g.scenario for g in load_groups(db)})
+            raise LeaderboardError(
+                f"no runs of scenario '{options.scenario}' on {db}",
+                f"use one of {', '.join(present)}" if present else "finish a run first",
+            )
         text = render(groups, options.format)
         if options.output:
-            Path(options.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(options.output).write_text(text)
+            try:
+                Path(options.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(options.output).write_text(text)
+            except OSError as exc:
+                raise LeaderboardError(
+                    f"cannot write {options.output} ({exc.strerror or exc})",
+                    "pass -o a file in a folder you can write to",
+                ) from exc
             print(f"wrote {options.output} ({sum(len(g.runs) for g in groups)} runs)")
         else:
             sys.stdout.write(text)

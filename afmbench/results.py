@@ -21,8 +21,11 @@ from afmbench.errors import ConfigError
 VERSIONED_PACKAGES = ("afmbench", "torch", "lightning", "torchmetrics", "avalanche-lib", "numpy")
 
 
-def prepare_run_dir(path: str | os.PathLike) -> Path:
-    """Create the run folder and prove it is writable before any training starts."""
+def prepare_run_dir(
+    path: str | os.PathLike, option: str = "run_dir", example: str = "run_dir=runs/my-run"
+) -> Path:
+    """Create the run folder (or another output folder, named ``option`` in the error) and
+    prove it is writable before any work starts."""
     run_dir = Path(path).expanduser()
     probe = run_dir / ".write-test"
     try:
@@ -31,8 +34,8 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(
-            f"run_dir {run_dir} is not writable ({exc.strerror or exc})",
-            "pass a folder you can write to, e.g. run_dir=runs/my-run",
+            f"{option} {run_dir} is not writable ({exc.strerror or exc})",
+            f"pass a folder you can write to, e.g. {example}",
         ) from exc
     return run_dir
 

@@ -149,6 +149,13 @@ def test_cli_prints_and_writes(db, tmp_path, capsys):
     assert "| split_digits | task | 1 | ewc | on |" in capsys.readouterr().out
     assert leaderboard_command(["--db", str(tmp_path / "missing.sqlite")]) == 2
     assert "no leaderboard at" in capsys.readouterr().err
+    assert leaderboard_command(["--db", str(db), "--scenario", "split_mnst"]) == 2
+    assert "no runs of scenario 'split_mnst'" in (err := capsys.readouterr().err)
+    assert err.rstrip().endswith("fix: use one of split_digits")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert leaderboard_command(["--db", str(db), "-o", str(blocker / "r.md")]) == 2
+    assert f"cannot write {blocker / 'r.md'}" in capsys.readouterr().err
 
 
 def test_html_report_embeds_the_figures(db, tmp_path):

@@ -84,6 +84,13 @@ def test_cli_run_with_forgetting_layer_then_probe(tmp_path, capsys):
     assert all(0 <= layer["sparsity"] <= 1 for layer in sparsity["layers"].values())
     assert json.loads((folder / "pruning.json").read_text())["fractions"][-1] == 0.99
 
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["probe", str(run_dir), "--probes", "sparsity", "--out", str(blocker / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"afmbench: error: --out {blocker / 'p'} is not writable")
+    assert err.count("\n") == 1 and "fix: pass a folder you can write to" in err
+
 
 def test_probe_command_reports_bad_input(tmp_path, capsys):
     assert main(["probe", str(tmp_path)]) == 2

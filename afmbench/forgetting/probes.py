@@ -46,7 +46,7 @@ from afmbench.forgetting.importance import (
 from afmbench.forgetting.layer import sites
 from afmbench.loader import TensorLoader
 from afmbench.models import ContinualModel
-from afmbench.results import write_json
+from afmbench.results import prepare_run_dir, write_json
 from afmbench.scenarios.base import Scenario, Split
 
 PROBES = ("sparsity", "importance", "ablation", "pruning", "perturbation")
@@ -326,6 +326,7 @@ def probe_command(args: list[str]) -> int:
             )
         subject = load_run(options.run_dir, options.max_samples or None, options.seed)
         out = options.out or Path(options.run_dir) / "probes"
+        prepare_run_dir(out, "--out", "--out probes")
         results = run_probes(
             subject,
             out,
