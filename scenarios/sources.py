@@ -9,10 +9,13 @@ ever downloaded: a missing file is a :class:`DataNotFoundError` naming what to p
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import shutil
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # by type code
 CIFAR_ARCHIVES = {
     "CIFAR10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
     "CIFAR100": ("cifar-100-python.tar.gz", "cifar-100-python"),
@@ -71,13 +75,36 @@ def prepare_mnist_like(name: str, root: Path, cache: Path) -> Path:
         if (target / f).is_file():
             continue
         tmp = target / f"{f}.tmp{os.getpid()}"
-        if (source / f).is_file():
-            shutil.copyfile(source / f, tmp)
-        else:
-            with gzip.open(source / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        original = source / f if (source / f).is_file() else source / f"{f}.gz"
+        try:
+            if original.suffix != ".gz":
+                shutil.copyfile(original, tmp)
+            else:
+                with gzip.open(original, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            check_idx(tmp)
+        except (EOFError, OSError, zlib.error, ValueError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataNotFoundError(
+                f"{name} file {original} is unreadable or incomplete ({exc})",
+                f"replace it with the original {original.name}",
+            ) from exc
         os.replace(tmp, target / f)
     return target_root
+
+
+def check_idx(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is a whole idx file (the MNIST format): its header
+    gives the element type and every dimension, hence the exact size."""
+    with open(path, "rb") as handle:
+        header = handle.read(4)
+        if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in IDX_ITEM_BYTES:
+            raise ValueError("not an idx file")
+        ndim = header[3]
+        dims = struct.unpack(f">{ndim}I", handle.read(4 * ndim))
+    expected = 4 + 4 * ndim + IDX_ITEM_BYTES[header[2]] * math.prod(dims)
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path.stat().st_size} bytes where its header says {expected}")
 
 
 def load_cifar(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:

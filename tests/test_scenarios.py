@@ -1,6 +1,9 @@
 """Scenarios: protocols, class orders, the tensor cache, and equality with Avalanche's own output."""
 
+import gzip
+import math
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -220,3 +223,47 @@ def test_read_only_data_root_with_archives_only_works(mnist_root, tmp_path):
         ]
     )
     assert (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").stat().st_size == 10008
+
+
+def _idx(shape: tuple[int, ...], seed: int) -> bytes:
+    """An idx file (MNIST's format) of unsigned bytes with the given shape."""
+    header = bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+    return (
+        header + np.random.default_rng(seed).integers(0, 256, math.prod(shape), np.uint8).tobytes()
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated archive", "truncated file", "not idx"])
+def test_damaged_mnist_files_are_one_line_naming_the_file(tmp_path, damage):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    shapes = {"train-images-idx3-ubyte": (6, 28, 28), "train-labels-idx1-ubyte": (6,),
+              "t10k-images-idx3-ubyte": (4, 28, 28), "t10k-labels-idx1-ubyte": (4,)}  # fmt: skip
+    for i, (name, shape) in enumerate(shapes.items()):
+        (raw / f"{name}.gz").write_bytes(gzip.compress(_idx(shape, i)))
+    whole = prepare_mnist_like("MNIST", tmp_path / "data", tmp_path / "ok")  # the intact set
+    for i, (name, shape) in enumerate(shapes.items()):
+        assert (whole / "MNIST" / "raw" / name).read_bytes() == _idx(shape, i)
+
+    bad = "t10k-images-idx3-ubyte"
+    if damage == "truncated archive":
+        data = (raw / f"{bad}.gz").read_bytes()
+        (raw / f"{bad}.gz").write_bytes(data[: len(data) // 2])
+        culprit, reason = raw / f"{bad}.gz", "Compressed file ended"
+    else:  # an already decompressed file takes precedence over the archive
+        (raw / bad).write_bytes(
+            _idx((4, 28, 28), 2)[:-10] if damage == "truncated file" else b"<html>"
+        )
+        culprit = raw / bad
+        reason = (
+            f"{16 + 4 * 784 - 10} bytes where its header says {16 + 4 * 784}"
+            if damage == "truncated file"
+            else "not an idx"
+        )
+    with pytest.raises(DataNotFoundError) as caught:
+        prepare_mnist_like("MNIST", tmp_path / "data", tmp_path / "cache")
+    assert f"MNIST file {culprit} is unreadable or incomplete" in str(caught.value)
+    assert reason in str(caught.value) and f"replace it with the original {culprit.name}" in str(
+        caught.value
+    )
+    assert not list((tmp_path / "cache" / "datasets" / "MNIST" / "raw").glob(f"{bad}*"))
