@@ -173,11 +173,7 @@ def run(
         loader = TensorLoader(split, batch_size, shuffle=True, seed=experience_seed(seed, step))
         trainer = make_trainer(len(loader))
         started = time.perf_counter()
-        try:
-            trainer.fit(module, train_dataloaders=loader)
-        except AfmbenchError as error:
-            state.fail(module, error, trainer)
-            raise
+        trainer.fit(module, train_dataloaders=loader)
         state.train_s.append(time.perf_counter() - started)
         if hasattr(logger, "step_offset"):
             logger.step_offset += trainer.global_step
@@ -214,6 +210,9 @@ def run(
             if isinstance(stop, SystemExit) and not trainer.interrupted:
                 raise
             raise state.interrupted(module, trainer, steps) from None
+        except Exception as error:  # a diverged loss, a damaged cache file, a full disk, a bug
+            state.fail(module, error, trainer)
+            raise
         return state.finish(module, trainer, verbose)
 
 
@@ -423,14 +422,22 @@ class _RunState:
     def fail(
         self,
         module: ContinualModule,
-        error: AfmbenchError,
+        error: Exception,
         trainer: Trainer,
         status: str = "failed",
     ) -> None:
-        """Record a failed (or interrupted) run without touching what earlier experiences wrote."""
-        if self.folder is not None and trainer.is_global_zero:
-            _, metrics = self.metrics(module, status, str(error))
+        """Record a failed (or interrupted) run without touching what earlier experiences wrote.
+        Best effort: the error that stopped the run (a full disk, say) is the one to report."""
+        if self.folder is None or not trainer.is_global_zero:
+            return
+        message = (
+            str(error) if isinstance(error, AfmbenchError) else f"{type(error).__name__}: {error}"
+        )
+        try:
+            _, metrics = self.metrics(module, status, message)
             write_json(self.folder / "metrics.json", metrics)
+        except Exception as unrecorded:
+            log.warning("could not record the run as %s: %s", status, unrecorded)
 
     def interrupted(self, module: ContinualModule, trainer: Trainer, steps: int) -> Interrupted:
         """Record a run stopped by Ctrl-C (status ``interrupted``) and say how to continue."""

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,8 +79,31 @@ class DiskStore:
     path: Path
 
     def load(self, split: str, index: int) -> Split:
-        blob = torch.load(self.path / f"{split}_{index}.pt", weights_only=True)
-        return decode(blob["x"]), blob["y"], blob["t"]
+        path = self.path / f"{split}_{index}.pt"
+        try:
+            blob = torch.load(path, weights_only=True)
+            return decode(blob["x"]), blob["y"], blob["t"]
+        except (
+            RuntimeError,
+            OSError,
+            EOFError,
+            ValueError,
+            KeyError,
+            pickle.UnpicklingError,
+        ) as exc:
+            raise damaged(path, exc) from exc
+
+
+def damaged(path: Path, exc: Exception) -> DataNotFoundError:
+    """A cache file that cannot be read: derived data, so the fix is to let it be rebuilt."""
+    folder = path.parent
+    why = (
+        str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
+    )
+    return DataNotFoundError(
+        f"the scenario cache file {path} is damaged ({why})",
+        f"delete {folder}; the next run rebuilds it from the data",
+    )
 
 
 def cache_key(name: str, params: dict[str, Any], source: Path | None = None) -> str:
@@ -115,7 +139,10 @@ def cached_scenario(
         with _file_lock(folder.with_suffix(".lock")):
             if not (folder / "meta.json").is_file():
                 materialize(build_benchmark(), folder, name)
-    meta = json.loads((folder / "meta.json").read_text())
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise damaged(folder / "meta.json", exc) from exc
     return scenario_from_meta(name, protocol, params, meta, DiskStore(folder))
 
 

@@ -131,3 +131,53 @@ def test_resume_under_other_overrides_fails_before_touching_the_run(tmp_path):
     assert out.returncode == 2
     assert "was written by a different configuration" in out.stderr
     assert all(path.read_bytes() == data for path, data in before.items())
+
+
+def _digits_api_run(cache, run_dir, plugins=(), resume=False):
+    scenario = afmbench.build_scenario("split_digits", n_experiences=5, cache=str(cache))
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    return afmbench.run(scenario, model, list(plugins), max_epochs=1, run_dir=run_dir,
+                        resume=resume, verbose=False)  # fmt: skip
+
+
+def test_a_damaged_cache_file_fails_the_run_in_one_line_and_it_resumes(tmp_path):
+    from afmbench.errors import DataNotFoundError
+
+    whole = _digits_api_run(tmp_path / "cache", None)
+    (folder,) = (tmp_path / "cache" / "scenarios").glob("split_digits-*[!k]")
+    damaged = folder / "train_2.pt"
+    damaged.write_bytes(damaged.read_bytes()[:500])
+
+    with pytest.raises(DataNotFoundError) as caught:
+        _digits_api_run(tmp_path / "cache", tmp_path / "run")
+    assert str(caught.value) == (
+        f"the scenario cache file {damaged} is damaged (PytorchStreamReader failed reading zip "
+        f"archive: failed finding central directory); fix: delete {folder}; the next run "
+        "rebuilds it from the data"
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["experiences_done"] == 2
+    assert metrics["error"] == str(caught.value)
+
+    import shutil
+
+    shutil.rmtree(folder)  # the fix it names
+    resumed = _digits_api_run(tmp_path / "cache", tmp_path / "run", resume=True)
+    np.testing.assert_array_equal(resumed.accuracy_matrix, whole.accuracy_matrix)
+
+
+def test_an_unexpected_exception_still_records_the_run_as_failed(tmp_path):
+    class Broken(afmbench.ContinualPlugin):
+        name = "broken"
+
+        def on_train_start(self, trainer, pl_module):
+            if pl_module.experience == 1:
+                raise RuntimeError("a bug in a user's plugin")
+
+    with pytest.raises(RuntimeError, match="a bug in a user's plugin"):  # the traceback stays
+        _digits_api_run(tmp_path / "cache", tmp_path / "run", plugins=[Broken()])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["experiences_done"] == 1
+    assert metrics["error"] == "RuntimeError: a bug in a user's plugin"
+    assert len(metrics["accuracy_matrix"]) == 1
