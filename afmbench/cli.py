@@ -12,10 +12,11 @@ from __future__ import annotations
 import difflib
 import itertools
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from afmbench.errors import AfmbenchError, ConfigError, Interrupted
+from afmbench.errors import AfmbenchError, AfmbenchWarning, ConfigError, Interrupted
 
 USAGE = """usage: afmbench [command] [options]
 
@@ -66,6 +67,7 @@ _failed_jobs: list[str] = []
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``afmbench`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning
     if args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -77,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         command = "run"
     return COMMANDS[command](args)
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """afmbench's own warnings as one line in the style of its errors; others as Python's."""
+    if issubclass(category, AfmbenchWarning):
+        return f"afmbench: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
 def version_line() -> str:
@@ -200,6 +212,15 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
     from hydra.errors import MissingConfigException
 
     missing = getattr(exc, "missing_cfg_file", None) or ""
+    if isinstance(exc, MissingConfigException) and missing.startswith(
+        ("hydra/launcher/", "hydra/sweeper/")
+    ):
+        kind, name = missing.split("/")[1:3]
+        package = f"hydra-{name.split('_')[0]}-{kind}"
+        return ConfigError(
+            f"the Hydra {kind} '{name}' is not installed",
+            f"pip install {package} (the {kind}s available now: {', '.join(exc.options or [])})",
+        )
     if isinstance(exc, MissingConfigException) and "/" in missing:
         group, _, name = missing.partition("/")
         options = ", ".join(exc.options or [])

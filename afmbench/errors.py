@@ -45,3 +45,8 @@ class DivergenceError(AfmbenchError):
     """The loss became NaN or infinite; the run stops and is recorded as failed."""
 
     exit_code = 3
+
+
+class AfmbenchWarning(UserWarning):
+    """Something the user should know that does not stop the run (a task that learned
+    nothing, W&B falling back to offline). The CLI prints it as ``afmbench: warning: ...``."""

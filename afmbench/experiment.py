@@ -33,7 +33,13 @@ from afmbench.checkpoint import (
     run_folder_of,
 )
 from afmbench.config import OptimizerConfig
-from afmbench.errors import AfmbenchError, ConfigError, Interrupted, LeaderboardError
+from afmbench.errors import (
+    AfmbenchError,
+    AfmbenchWarning,
+    ConfigError,
+    Interrupted,
+    LeaderboardError,
+)
 from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
 from afmbench.metrics import summarize
@@ -180,6 +186,8 @@ def run(
         started = time.perf_counter()
         row = _evaluate(trainer, module, tests, row=step + 1)
         state.eval_s.append(time.perf_counter() - started)
+        if not joint and trainer.is_global_zero:
+            _warn_if_unlearned(step, steps, row[step], state.baseline[step], module, max_epochs)
         state.save(module, trainer, step)
         state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
         if verbose and trainer.is_global_zero:
@@ -337,6 +345,26 @@ def _task_argument(scenario: Scenario, step: int, joint: bool) -> int | None:
     if not scenario.multi_head:
         return 0
     return None if joint else scenario.task_ids[step]
+
+
+# An experience's own task must end at least this far above the untrained model's accuracy.
+UNLEARNED_MARGIN = 0.02
+
+
+def _warn_if_unlearned(
+    step: int, steps: int, accuracy: float, untrained: float, module: ContinualModule, epochs: int
+) -> None:
+    """Say so when an experience left its own task at the untrained model's accuracy: a
+    diverged or stalled optimizer otherwise shows only as a poor ACC at the end."""
+    if accuracy > untrained + UNLEARNED_MARGIN:
+        return
+    warnings.warn(
+        f"experience {step + 1}/{steps} learned nothing: accuracy {accuracy:.3f} on its own "
+        f"task, {untrained:.3f} untrained; check optimizer.lr={module.optimizer_config.lr:g} "
+        f"(too high diverges, too low stalls) and trainer.max_epochs={epochs}",
+        AfmbenchWarning,
+        stacklevel=2,
+    )
 
 
 def _evaluate(trainer: Trainer, module: ContinualModule, tests: list[TensorLoader], row: int):

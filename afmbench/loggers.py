@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from afmbench.errors import ConfigError
+from afmbench.errors import AfmbenchWarning, ConfigError
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -82,6 +82,7 @@ def wandb_mode(requested: str | None) -> str:
     if problem:
         warnings.warn(
             f"W&B: {problem}; logging offline instead (upload later with `wandb sync`)",
+            AfmbenchWarning,
             stacklevel=2,
         )
         return "offline"

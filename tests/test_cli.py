@@ -90,6 +90,10 @@ def test_sweep_runs_every_combination(tmp_path):
             ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"],
             "fix: use trainer.strategy=ddp",
         ),
+        (
+            ["-m", "hydra/launcher=nosuch_local", "seed=0,1"],
+            "the Hydra launcher 'nosuch_local' is not installed; fix: pip install hydra-nosuch-launcher",
+        ),
         (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be a whole number >= 1"),
         (["+trainer.strategy=ddp"], "trainer.strategy already exists; fix: set it without the +"),
         (

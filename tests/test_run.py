@@ -302,3 +302,26 @@ def test_constructor_arguments_are_checked_and_coerced_like_the_cli():
     assert Scaled(2, note="kept as given").extra == {"note": "kept as given"}
     with pytest.raises(afmbench.ConfigError, match="mine.scale must be a number"):
         Scaled(scale=[1])
+
+
+def test_an_experience_that_learned_nothing_is_warned_about(tmp_path):
+    from afmbench.errors import AfmbenchWarning
+    from tests.conftest import run_cli
+
+    with pytest.warns(AfmbenchWarning) as caught:
+        _digits_run(optimizer=OptimizerConfig(lr=1e-7))  # stalls
+    messages = [str(w.message) for w in caught if issubclass(w.category, AfmbenchWarning)]
+    assert len(messages) == 5 and messages[0].startswith("experience 1/5 learned nothing")
+    assert "optimizer.lr=1e-07" in messages[0] and "trainer.max_epochs=3" in messages[0]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AfmbenchWarning)
+        _digits_run()  # learns: not a word
+
+    out = run_cli("run", "optimizer.lr=1e-7", "scenario.n_experiences=2", "trainer.max_epochs=1",
+                  "logger=none", f"run_dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "afmbench: warning: experience 1/2 learned nothing: accuracy " in out.stderr
+    assert "UserWarning" not in out.stderr
