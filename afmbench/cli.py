@@ -84,7 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 _python_format_warning = warnings.formatwarning
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+def _format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
     """afmbench's own warnings as one line in the style of its errors; others as Python's."""
     if issubclass(category, AfmbenchWarning):
         return f"afmbench: warning: {message}\n"

@@ -74,7 +74,7 @@ class OptimizerConfig:
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
-    momentum: float = 0.0
+    momentum: float = 0.9
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     reset_between_experiences: bool = True
@@ -95,7 +95,7 @@ class DataConfig:
 
     root: str | None = None
     cache: str | None = None
-    batch_size: int = 64
+    batch_size: int = 32
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:

@@ -92,7 +92,7 @@ def run(
     *,
     joint: bool = False,
     max_epochs: int = 1,
-    batch_size: int = 64,
+    batch_size: int = 32,
     eval_batch_size: int = 1024,
     optimizer: OptimizerConfig | None = None,
     seed: int = 0,

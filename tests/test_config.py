@@ -131,3 +131,20 @@ def test_strategy_yaml_defaults_equal_plugin_defaults():
         assert values["name"] == stem and stem in STRATEGIES
         if STRATEGIES[stem] is not None:
             _assert_agree(values, STRATEGIES[stem], f"configs/strategy/{stem}.yaml")
+
+
+def test_the_python_api_defaults_are_the_cli_defaults():
+    """`afmbench.run(scenario, model, plugins)` trains as `afmbench run` does (it used to take
+    SGD without momentum and batches of 64, and learned nothing on the default scenario)."""
+    import afmbench
+    from afmbench.config import DataConfig
+
+    cfg = load_config()
+    assert (
+        OptimizerConfig(**check_params(cfg.optimizer, OptimizerConfig, "optimizer", skip=()))
+        == OptimizerConfig()
+    )
+    assert DataConfig(**check_params(cfg.data, DataConfig, "data", skip=())) == DataConfig()
+    run_defaults = inspect.signature(afmbench.run).parameters
+    assert run_defaults["batch_size"].default == DataConfig().batch_size
+    assert run_defaults["eval_batch_size"].default == DataConfig().eval_batch_size
