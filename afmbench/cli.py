@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import sys
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,8 +63,9 @@ VALUE_FLAGS = (
     "--experimental-rerun",
 )
 MAX_CHECKED_COMBINATIONS = 64
-
-_failed_jobs: list[str] = []
+# The file where a sweep's jobs list the run folders that failed: jobs may run in other
+# processes (a parallel launcher), so the sweep's exit code cannot come from a variable.
+FAILURES_ENV = "AFMBENCH_SWEEP_FAILURES"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,10 +335,32 @@ def launch_hydra(args: list[str]) -> int:
 
     from afmbench.config import CONFIG_NAME, config_dir
 
-    _failed_jobs.clear()
+    failures = _failures_file()
+    os.environ[FAILURES_ENV] = str(failures)
     sys.argv = [sys.argv[0], *args]
-    hydra.main(config_path=config_dir(), config_name=CONFIG_NAME, version_base="1.3")(hydra_task)()
-    return 1 if _failed_jobs else 0
+    try:
+        hydra.main(config_path=config_dir(), config_name=CONFIG_NAME, version_base="1.3")(
+            hydra_task
+        )()
+        failed = failures.read_text().splitlines() if failures.exists() else []
+    finally:
+        os.environ.pop(FAILURES_ENV, None)
+        failures.unlink(missing_ok=True)
+    if failed:
+        report(AfmbenchError(
+            f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}",
+            "each run folder's metrics.json holds its error; afmbench run resume=PATH continues one",
+        ))  # fmt: skip
+        return 1
+    return 0
+
+
+def _failures_file() -> Path:
+    """A fresh file name that a sweep's jobs can reach: beside the sweep (the working folder,
+    shared on a cluster) where it is writable, else the temporary folder."""
+    name = f".afmbench-sweep-failures-{os.getpid()}-{time.time_ns()}"
+    here = Path.cwd()
+    return (here if os.access(here, os.W_OK) else Path(tempfile.gettempdir())) / name
 
 
 def hydra_task(cfg) -> None:
@@ -344,6 +370,7 @@ def hydra_task(cfg) -> None:
 
     from afmbench.runner import execute
 
+    warnings.formatwarning = _format_warning  # a parallel launcher's job is its own process
     hydra_cfg = HydraConfig.get()
     run_dir = cfg.run_dir or hydra_cfg.runtime.output_dir
     sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
@@ -353,7 +380,9 @@ def hydra_task(cfg) -> None:
         report(error)
         if hydra_cfg.mode != RunMode.MULTIRUN or isinstance(error, Interrupted):
             sys.exit(error.exit_code)  # Ctrl-C stops a sweep too
-        _failed_jobs.append(str(run_dir))
+        if os.environ.get(FAILURES_ENV):
+            with open(os.environ[FAILURES_ENV], "a") as failures:
+                failures.write(f"{run_dir}\n")
 
 
 def leaderboard_command(args: list[str]) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from afmbench.cli import main
 from afmbench.strategies import STRATEGIES
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 QUIET = "trainer.enable_progress_bar=false"
 
@@ -34,6 +34,29 @@ def test_sweep_runs_every_combination(tmp_path):
         json.loads((tmp_path / "sweep" / r / "metrics.json").read_text())["strategy"] for r in runs
     }
     assert strategies == {"naive", "joint"}
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_sweep_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path, launcher):
+    """Jobs of a parallel launcher run in other processes: their failures still decide the
+    sweep's exit code, and their warnings keep afmbench's one-line form."""
+    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    out = run_cli("run", "-m", *parallel, "optimizer.lr=1e12,1e-9", "optimizer.momentum=0",
+                  "trainer.max_epochs=1", "scenario.n_experiences=2", QUIET, "logger=none",
+                  f"run_dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    (diverged,) = (tmp_path / "sweep").glob("0_*")
+    assert json.loads((diverged / "metrics.json").read_text())["status"] == "failed"
+    (stalled,) = (tmp_path / "sweep").glob("1_*")
+    assert json.loads((stalled / "metrics.json").read_text())["status"] == "finished"
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"afmbench: error: 1 job(s) of the sweep failed: {diverged}; fix: each run folder's "
+        "metrics.json holds its error; afmbench run resume=PATH continues one"
+    )
+    assert "afmbench: warning: experience 1/2 learned nothing" in out.stderr
+    assert "AfmbenchWarning" not in out.stderr
+    assert not list(REPO.glob(".afmbench-sweep-failures-*"))
 
 
 @pytest.mark.parametrize(
