@@ -70,6 +70,7 @@ class RunReporter:
     def __init__(self, folder: Path | None, logger: Logger | None, joint: bool) -> None:
         self.folder = folder
         self.logger = logger if isinstance(logger, WandbLogger) else None
+        self.scalars_logger = logger  # any Lightning logger (CSV too) gets the scalars
         self.joint = joint
         self.importance: list[dict[str, dict[str, list[int]]]] = []
         self.gates: list[dict[str, list[int]]] = []
@@ -86,15 +87,24 @@ class RunReporter:
         self.importance.append(importance_histograms(plugins))
         self.gates.append(gate_histograms(plugins))
         self.sparsity = layer_sparsity(plugins)
+        scalars = {
+            "eval/tasks_learned": step + 1,
+            "eval/avg_acc": curve[step] if step < len(curve) else curve[-1],
+            **{f"eval/acc_task_{j}": float(a) for j, a in enumerate(matrix[-1])},
+        }
         if self.logger is None:
+            if self.scalars_logger is not None:
+                # the loggers of afmbench.loggers add their own offset of earlier experiences
+                offset = getattr(self.scalars_logger, "step_offset", 0)
+                self.scalars_logger.log_metrics(scalars, step=global_step - offset)
+                self.scalars_logger.save()
             return
         import wandb
 
         edges = np.linspace(0, 1, plots.HISTOGRAM_BINS + 1)
         data: dict[str, Any] = {
             "trainer/global_step": global_step,
-            "eval/tasks_learned": step + 1,
-            "eval/avg_acc": curve[step] if step < len(curve) else curve[-1],
+            **scalars,
             "eval/accuracy_matrix": wandb.Table(
                 columns=["after"] + [f"task_{j}" for j in range(matrix.shape[1])],
                 data=[

@@ -118,6 +118,16 @@ def test_short_epochs_log_once_each_without_lightning_warning(tmp_path):
     # one loss per epoch, at each epoch's last step, through all five experiences
     assert [int(row["step"]) for row in logged] == [4 * k + 3 for k in range(10)]
 
+    # after each experience, its row of the accuracy matrix at the steps trained so far
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        evaluated = [row for row in csv.DictReader(handle) if row["eval/avg_acc"]]
+    matrix = json.loads((tmp_path / "metrics.json").read_text())["accuracy_matrix"]
+    assert [int(row["step"]) for row in evaluated] == [8 * (i + 1) for i in range(5)]
+    for i, row in enumerate(evaluated):
+        assert int(row["eval/tasks_learned"]) == i + 1
+        assert [float(row[f"eval/acc_task_{j}"]) for j in range(5)] == pytest.approx(matrix[i])
+        assert float(row["eval/avg_acc"]) == pytest.approx(np.mean(matrix[i][: i + 1]))
+
 
 def test_run_folder_has_the_same_figures_as_pngs(tmp_path):
     out = run_cli("run", "logger=none", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
