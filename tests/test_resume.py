@@ -35,7 +35,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         [sys.executable, "-m", "afmbench", "run", *ARGS, f"run_dir={folder}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    first = folder / "checkpoints" / "experience_0.ckpt"
+    # metrics.json comes after the experience's checkpoint: waiting for the checkpoint alone
+    # could kill the run between the two
+    first = folder / "metrics.json"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
