@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from afmbench.config import explain_differences
 from afmbench.errors import CheckpointError
 from afmbench.module import ContinualModule, make_optimizer
 from afmbench.plugin import ContinualPlugin
@@ -95,14 +96,35 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     return ckpt["afmbench"]
 
 
-def check_same_config(state: dict[str, Any], path: Path, config_hash: str) -> None:
-    """Refuse to continue a run under a different configuration than the one that wrote it."""
-    if state.get("config_hash") != config_hash:
+def check_same_config(
+    state: dict[str, Any],
+    path: Path,
+    config_hash: str,
+    differences: Sequence[tuple[str, Any, Any]] = (),
+) -> None:
+    """Refuse to continue a run under a different configuration than the one that wrote it;
+    ``differences`` (key, value then, value now), where known, name what changed."""
+    if state.get("config_hash") == config_hash:
+        return
+    if not differences:
         raise CheckpointError(
             f"checkpoint {path} was written by a different configuration "
             f"(hash {state.get('config_hash')}, this run {config_hash})",
             "resume with the same overrides as the interrupted run",
         )
+    raise different_configuration(path, differences)
+
+
+def different_configuration(
+    path: Path, differences: Sequence[tuple[str, Any, Any]]
+) -> CheckpointError:
+    """The one line for a resume whose configuration differs from the run's in ``differences``."""
+    changed, restore = explain_differences(differences)
+    fix = "drop the overrides that change this (resume=PATH alone reuses the run's own)"
+    return CheckpointError(
+        f"{path} was written by a different configuration: {changed}",
+        f"{fix}, or give the run's values: {restore}" if restore else fix,
+    )
 
 
 def restore(

@@ -125,6 +125,8 @@ def run_command(args: list[str]) -> int:
         try:
             check_words(args)
             check_overrides(overrides, multirun)
+            if not multirun:
+                check_resume(overrides)
         except AfmbenchError as error:
             report(error)
             return error.exit_code
@@ -146,19 +148,42 @@ def check_words(args: list[str]) -> None:
         )
 
 
-def with_saved_overrides(args: list[str]) -> list[str]:
-    """``resume=PATH`` (or ``resume=true run_dir=PATH``) continues run PATH with the overrides it
-    was started with (Hydra keeps them in ``PATH/.hydra/overrides.yaml``); overrides given now
-    come after them and win."""
+def resumed_folder(args: list[str]) -> Path | None:
+    """The run folder that ``resume=PATH`` (or ``resume=true run_dir=PATH``) continues."""
     options = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     resume = options.get("resume", "false")
     if resume.lower() == "false" or (resume.lower() == "true" and "run_dir" not in options):
-        return args
+        return None
     folder = Path(options["run_dir"] if resume.lower() == "true" else resume).expanduser()
     if folder.suffix == ".ckpt":
         from afmbench.checkpoint import run_folder_of
 
         folder = run_folder_of(folder)
+    return folder
+
+
+def check_resume(overrides: list[str]) -> None:
+    """Refuse a resume under another configuration here, before Hydra rewrites the run's
+    ``.hydra/`` record of its overrides, which a later ``resume=PATH`` would reuse."""
+    folder = resumed_folder(overrides)
+    if folder is None:
+        return
+    from afmbench.checkpoint import different_configuration
+    from afmbench.config import load_config
+    from afmbench.runner import changes_since
+
+    if differences := changes_since(folder, load_config(overrides)):
+        raise different_configuration(folder, differences)
+
+
+def with_saved_overrides(args: list[str]) -> list[str]:
+    """``resume=PATH`` (or ``resume=true run_dir=PATH``) continues run PATH with the overrides it
+    was started with (Hydra keeps them in ``PATH/.hydra/overrides.yaml``); overrides given now
+    come after them and win."""
+    folder = resumed_folder(args)
+    if folder is None:
+        return args
+    options = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     saved = folder / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         return args

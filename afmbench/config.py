@@ -188,7 +188,9 @@ def coerce(value: Any, annotation: Any, key: str, default: Any = inspect.Paramet
         return _coerce(value, annotation)
     except (TypeError, ValueError):
         pass
-    example = "" if default in (inspect.Parameter.empty, None) else f"e.g. {key}={_show(default)}"
+    example = (
+        "" if default in (inspect.Parameter.empty, None) else f"e.g. {key}={as_override(default)}"
+    )
     raise ConfigError(
         f"{key} must be {describe(annotation)}, got {value!r} ({type(value).__name__})",
         example or f"pass {describe(annotation)}",
@@ -255,7 +257,7 @@ def describe(annotation: Any) -> str:
         return names[annotation]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
-        return "one of " + ", ".join(map(_show, args))
+        return "one of " + ", ".join(map(as_override, args))
     if origin in (typing.Union, types.UnionType):
         parts = [describe(a) for a in args if a is not type(None)]
         text = " or ".join(dict.fromkeys(parts))
@@ -266,16 +268,19 @@ def describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _show(value: Any) -> str:
+def as_override(value: Any) -> str:
+    """``value`` as a command-line override writes it (``true``, ``null``, ``[256,256]``)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
+        return "[" + ",".join(as_override(v) for v in value) + "]"
     return str(value)
 
 
-def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """Hash of everything that changes what a run computes (not its seed, paths or logging)."""
+def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that changes what a run computes (not its seed, paths or logging)."""
     plain = copy.deepcopy(to_plain(cfg))
     for dotted in NON_IDENTITY_KEYS:
         *parents, leaf = dotted.split(".")
@@ -284,7 +289,60 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    return plain
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """Hash of the configuration's :func:`identity`."""
+    plain = identity(cfg)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def identity_differences(
+    before: DictConfig | Mapping[str, Any], now: DictConfig | Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value before, value now)`` wherever the two identities differ."""
+    old, new = _flat(identity(before)), _flat(identity(now))
+    keys = sorted(old.keys() | new.keys())
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def explain_differences(
+    differences: Sequence[tuple[str, Any, Any]], shown: int = 4
+) -> tuple[str, str]:
+    """What changed, as words, and the overrides that bring the earlier values back. A group
+    whose choice changed (``strategy.name``, ``forgetting.enabled``) is named once, with the
+    options that came with it left out."""
+    choices = {
+        k.rpartition(".")[0]: (then, now)
+        for k, then, now in differences
+        if k.endswith((".name", ".enabled"))
+    }
+    changed, restore = [], []
+    for key, then, now in differences:
+        group, _, leaf = key.rpartition(".")
+        if group in choices and leaf not in ("name", "enabled"):
+            continue  # the options of a group choice come with it
+        if leaf == "name":
+            changed.append(f"{group} was {then}, now {now}")
+            restore.append(f"{group}={then}")
+            continue
+        changed.append(f"{key} was {as_override(then)}, now {as_override(now)}")
+        if leaf == "enabled":
+            restore += [f"{group}=off"] if then is False else []
+        else:
+            restore.append(f"{key}={as_override(then)}")
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return "; ".join(changed[:shown]) + more, " ".join(restore)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -16,12 +16,13 @@ import lightning
 from lightning.pytorch import seed_everything
 from omegaconf import DictConfig
 
-from afmbench.checkpoint import check_same_config, find_checkpoint, load_checkpoint
+from afmbench.checkpoint import check_same_config, find_checkpoint, load_checkpoint, run_folder_of
 from afmbench.config import (
     DataConfig,
     OptimizerConfig,
     check_params,
     config_hash,
+    identity_differences,
     require,
     save_config,
     to_plain,
@@ -172,7 +173,8 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     if p.resume:  # check before anything in the interrupted run's folder is overwritten
         checkpoint = find_checkpoint(p.resume, folder)
         state = load_checkpoint(checkpoint, mmap=True)["afmbench"]  # the run loads it in full
-        check_same_config(state, checkpoint, p.record["config_hash"])
+        changes = changes_since(run_folder_of(checkpoint), cfg)
+        check_same_config(state, checkpoint, p.record["config_hash"], changes)
     save_config(cfg, folder / "config.yaml")
     seed_everything(p.seed, verbose=False)
     scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
@@ -196,6 +198,17 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
         resume=p.resume,
         leaderboard=p.leaderboard,
     )
+
+
+def changes_since(folder: Path, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """What ``cfg`` changes in the identity of the run recorded in ``folder/config.yaml``
+    (nothing known if the file is gone)."""
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return identity_differences(OmegaConf.load(saved), cfg)
 
 
 def _default(fn, key: str) -> Any:

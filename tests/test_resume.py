@@ -128,11 +128,21 @@ def test_resume_under_other_overrides_fails_before_touching_the_run(tmp_path):
     folder = tmp_path / "run"
     args = ("scenario.n_experiences=2", "trainer.max_epochs=1", "logger=none")
     assert run_cli("run", *args, f"run_dir={folder}").returncode == 0
-    before = {p: p.read_bytes() for p in (folder / "config.yaml", folder / "metrics.json")}
-    out = run_cli("run", f"resume={folder}", "strategy=ewc")
+    kept = ("config.yaml", "metrics.json", ".hydra/overrides.yaml", ".hydra/config.yaml")
+    before = {folder / name: (folder / name).read_bytes() for name in kept}
+    out = run_cli("run", f"resume={folder}", "strategy=ewc", "optimizer.lr=0.05")
     assert out.returncode == 2
-    assert "was written by a different configuration" in out.stderr
+    assert out.stderr.strip() == (
+        f"afmbench: error: {folder} was written by a different configuration: optimizer.lr "
+        "was 0.01, now 0.05; strategy was naive, now ewc; fix: drop the overrides that change "
+        "this (resume=PATH alone reuses the run's own), or give the run's values: "
+        "optimizer.lr=0.01 strategy=naive"
+    )
+    # Hydra's record of the run's overrides too: a refused resume used to rewrite it, and the
+    # next `resume=PATH` then reused the refused overrides
     assert all(path.read_bytes() == data for path, data in before.items())
+    again = run_cli("run", f"resume={folder}")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def _digits_api_run(cache, run_dir, plugins=(), resume=False):
