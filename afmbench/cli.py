@@ -148,9 +148,14 @@ def check_words(args: list[str]) -> None:
         )
 
 
+def _options(args: list[str]) -> dict[str, str]:
+    """The ``key=value`` overrides among ``args``, by key."""
+    return dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+
+
 def resumed_folder(args: list[str]) -> Path | None:
     """The run folder that ``resume=PATH`` (or ``resume=true run_dir=PATH``) continues."""
-    options = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    options = _options(args)
     resume = options.get("resume", "false")
     if resume.lower() == "false" or (resume.lower() == "true" and "run_dir" not in options):
         return None
@@ -183,7 +188,7 @@ def with_saved_overrides(args: list[str]) -> list[str]:
     folder = resumed_folder(args)
     if folder is None:
         return args
-    options = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    options = _options(args)
     saved = folder / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         return args
