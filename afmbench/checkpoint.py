@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from afmbench.config import explain_differences
-from afmbench.errors import CheckpointError
+from afmbench.errors import CheckpointError, first_line
 from afmbench.module import ContinualModule, make_optimizer
 from afmbench.plugin import ContinualPlugin
 
@@ -90,7 +90,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0][:120]})",
+            f"checkpoint {path} does not fit this model ({first_line(exc)[:120]})",
             "load it with the configuration of the run that wrote it",
         ) from exc
     return ckpt["afmbench"]

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from afmbench.errors import AfmbenchError, AfmbenchWarning, ConfigError, Interrupted
+from afmbench.errors import AfmbenchError, AfmbenchWarning, ConfigError, Interrupted, first_line
 
 USAGE = """usage: afmbench [command] [options]
 
@@ -265,7 +265,7 @@ def explain_hydra_error(exc: Exception, overrides: list[str]) -> ConfigError:
         group, _, name = missing.partition("/")
         options = ", ".join(exc.options or [])
         return ConfigError(f"unknown {group} '{name}'", f"use one of {options}")
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = first_line(exc)
     if message.startswith("Could not append to config. An item is already at '"):
         key = message.split("'")[1]
         return ConfigError(f"{key} already exists", f"set it without the +: {key}=...")

@@ -313,11 +313,7 @@ def explain_differences(
     """What changed, as words, and the overrides that bring the earlier values back. A group
     whose choice changed (``strategy.name``, ``forgetting.enabled``) is named once, with the
     options that came with it left out."""
-    choices = {
-        k.rpartition(".")[0]: (then, now)
-        for k, then, now in differences
-        if k.endswith((".name", ".enabled"))
-    }
+    choices = {k.rpartition(".")[0] for k, _, _ in differences if k.endswith((".name", ".enabled"))}
     changed, restore = [], []
     for key, then, now in differences:
         group, _, leaf = key.rpartition(".")

@@ -7,6 +7,13 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message reduced to its first line (its type's name if it has none), for
+    the one-line errors that quote a library's."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class AfmbenchError(Exception):
     """A problem with the user's input or environment (not a bug in afmbench)."""
 

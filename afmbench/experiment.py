@@ -39,6 +39,7 @@ from afmbench.errors import (
     ConfigError,
     Interrupted,
     LeaderboardError,
+    first_line,
 )
 from afmbench.leaderboard import record_run
 from afmbench.loader import TensorLoader
@@ -317,7 +318,7 @@ def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
             Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs})
     except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
         raise ConfigError(
-            f"the trainer options do not work here: {str(error).splitlines()[0].rstrip(' .!')}",
+            f"the trainer options do not work here: {first_line(error).rstrip(' .!')}",
             "change or remove the trainer option it names "
             "(trainer.accelerator=cpu where there is no GPU)",
         ) from None

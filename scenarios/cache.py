@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from afmbench.errors import DataNotFoundError
+from afmbench.errors import DataNotFoundError, first_line
 from afmbench.scenarios.base import Scenario, Split
 
 CACHE_FORMAT = 1
@@ -97,11 +97,8 @@ class DiskStore:
 def damaged(path: Path, exc: Exception) -> DataNotFoundError:
     """A cache file that cannot be read: derived data, so the fix is to let it be rebuilt."""
     folder = path.parent
-    why = (
-        str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
-    )
     return DataNotFoundError(
-        f"the scenario cache file {path} is damaged ({why})",
+        f"the scenario cache file {path} is damaged ({first_line(exc).split('. ')[0]})",
         f"delete {folder}; the next run rebuilds it from the data",
     )
 
