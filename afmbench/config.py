@@ -19,7 +19,7 @@ import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -80,6 +80,7 @@ class OptimizerConfig:
     reset_between_experiences: bool = True
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "optimizer")
         require(self.lr > 0, f"optimizer.lr={self.lr} must be positive", "e.g. optimizer.lr=0.01")
         require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0", "e.g. 0.9")
         require(
@@ -99,9 +100,20 @@ class DataConfig:
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data")
         for key in ("batch_size", "eval_batch_size"):
             value = getattr(self, key)
             require(value >= 1, f"data.{key}={value} must be at least 1", f"e.g. data.{key}=64")
+
+
+def coerce_fields(config: Any, where: str) -> None:
+    """Convert a frozen config dataclass's fields to their type hints in place, or raise the
+    command line's one-line error: ``OptimizerConfig(lr="big")`` is a :class:`ConfigError`,
+    ``lr=1`` becomes ``1.0`` (so equal settings hash equally)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = coerce(getattr(config, f.name), hints[f.name], f"{where}.{f.name}", f.default)
+        object.__setattr__(config, f.name, value)
 
 
 def require(condition: bool, problem: str, fix: str) -> None:

@@ -32,7 +32,7 @@ from afmbench.checkpoint import (
     restore,
     run_folder_of,
 )
-from afmbench.config import OptimizerConfig
+from afmbench.config import NON_IDENTITY_KEYS, OptimizerConfig
 from afmbench.errors import (
     AfmbenchError,
     AfmbenchWarning,
@@ -128,12 +128,13 @@ def run(
         plugin.prepare(model)
     steps = 1 if joint else scenario.n_experiences
     module = ContinualModule(model, scenario.n_experiences, steps + 1, optimizer)
-    record = {**default_record(scenario, plugins, joint, seed), **(record or {})}
+    trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
+    settings = (module.optimizer_config, batch_size, trainer_kwargs)
+    record = {**default_record(scenario, model, plugins, joint, seed, settings), **(record or {})}
     resume_from = find_checkpoint(resume, Path(run_dir) if run_dir else None) if resume else None
     if resume_from is not None and run_dir is None:
         run_dir = run_folder_of(resume_from)
     folder = prepare_run_dir(run_dir) if run_dir is not None else None
-    trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
     if trainer_kwargs.get("strategy") == "ddp" and scenario.multi_head:
         # Only the current task's head takes part in a step; DDP must be told to expect that.
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
@@ -325,12 +326,33 @@ def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
 
 
 def default_record(
-    scenario: Scenario, plugins: Sequence[ContinualPlugin], joint: bool, seed: int
+    scenario: Scenario,
+    model: ContinualModel,
+    plugins: Sequence[ContinualPlugin],
+    joint: bool,
+    seed: int,
+    settings: tuple[OptimizerConfig, int, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Identity fields of a run started from Python (the CLI passes its own)."""
+    """Identity fields of a run started from Python (the CLI passes its own).
+
+    The config hash covers what the run computes, as the CLI's does: the scenario, the model's
+    architecture, the plugins' settings, the optimizer, the batch size and the trainer options
+    (not the seed, nor where it runs). Runs that share it are one configuration on the
+    leaderboard, and a resumed run must match it.
+    """
     names = [p.name for p in plugins if not getattr(p, "is_forgetting_layer", False)]
     strategy = "joint" if joint else "+".join(names) or "naive"
-    ident = {"scenario": scenario.params, "plugins": [repr(p) for p in plugins], "joint": joint}
+    optimizer, batch_size, trainer_kwargs = settings
+    placement = {k.split(".", 1)[1] for k in NON_IDENTITY_KEYS if k.startswith("trainer.")}
+    ident = {
+        "scenario": scenario.params,
+        "model": repr(model),
+        "plugins": [repr(p) for p in plugins],
+        "joint": joint,
+        "optimizer": repr(optimizer),
+        "batch_size": batch_size,
+        "trainer": sorted((k, repr(v)) for k, v in trainer_kwargs.items() if k not in placement),
+    }
     return {
         "scenario": scenario.name,
         "protocol": scenario.protocol,

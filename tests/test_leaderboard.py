@@ -265,3 +265,32 @@ def test_an_unusable_leaderboard_is_one_line_before_anything_runs(tmp_path, cont
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert f"cannot use the leaderboard {board}" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_python_runs_group_by_what_they_compute_not_by_seed(tmp_path):
+    """Python-API runs share a leaderboard row group only when the configuration matches:
+    another seed joins the group; another learning rate, batch size or width does not."""
+    import afmbench
+    from afmbench.strategies import EWC
+
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2, protocol="task")
+    board = tmp_path / "board.sqlite"
+
+    def run(seed=0, hidden=(16,), **kwargs):
+        afmbench.seed_everything(seed)
+        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes,
+                                     hidden=list(hidden))  # fmt: skip
+        return afmbench.run(scenario, model, [EWC(lambda_=10)], seed=seed,
+                            leaderboard=board, verbose=False, **kwargs).metrics["config_hash"]  # fmt: skip
+
+    base = run()
+    assert run(seed=1) == base
+    others = [
+        run(optimizer=afmbench.OptimizerConfig(lr=0.05)),
+        run(batch_size=16),
+        run(hidden=(8,)),
+        run(max_epochs=2),
+    ]
+    assert len({base, *others}) == 5
+    groups = load_groups(board)
+    assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 1, 2]

@@ -117,6 +117,19 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         _tiny_run(tmp_path / "run", resume=ckpt, record={"config_hash": "something-else"})
 
 
+def test_resume_from_python_refuses_another_optimizer_or_model(tmp_path):
+    """The Python API's config hash covers the optimizer and the model, as the CLI's does
+    (it used to cover only the scenario and the plugins, so these resumed silently)."""
+    _tiny_run(tmp_path / "run", keep_checkpoints=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "experience_0.ckpt"
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _tiny_run(tmp_path / "run", resume=ckpt, optimizer=afmbench.OptimizerConfig(lr=0.5))
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _tiny_run(tmp_path / "run", resume=ckpt, trainer_kwargs={"gradient_clip_val": 1.0})
+    resumed = _tiny_run(tmp_path / "run", resume=ckpt, optimizer=afmbench.OptimizerConfig())
+    assert resumed.metrics["status"] == "finished"
+
+
 def test_checkpoint_holds_the_loop_state(tmp_path):
     _tiny_run(tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_1.ckpt", weights_only=False)

@@ -282,6 +282,9 @@ def test_constructor_arguments_are_checked_and_coerced_like_the_cli():
          "model.hidden must be a list of whole numbers, got '64'"),
         (lambda: afmbench.build_scenario("split_digits", n_experiencs=2),
          "unknown option scenario.n_experiencs; fix: did you mean scenario.n_experiences?"),
+        (lambda: afmbench.OptimizerConfig(lr="big"), "optimizer.lr must be a number, got 'big'"),
+        (lambda: afmbench.OptimizerConfig(name="lbfgs"),
+         "optimizer.name must be one of sgd, adam, adamw, got 'lbfgs'"),
     ]  # fmt: skip
     for make, expected in mistakes:
         with pytest.raises(afmbench.ConfigError, match=None) as caught:
@@ -291,6 +294,9 @@ def test_constructor_arguments_are_checked_and_coerced_like_the_cli():
     # values of the right kind are converted, numpy's included; a user's plugin is checked too
     ewc = EWC(lambda_=np.int64(100), fisher_samples=np.int64(5))
     assert type(ewc.lambda_) is float and type(ewc.fisher_samples) is int
+    assert afmbench.OptimizerConfig(lr=1, betas=[0.9, 0.99]) == afmbench.OptimizerConfig(
+        lr=1.0, betas=(0.9, 0.99)
+    )
 
     class Scaled(ContinualPlugin):
         config_group = "mine"
