@@ -286,7 +286,7 @@ OWN_TRAINER_OPTIONS = {
     "num_sanity_val_steps": "remove it: evaluation runs after each experience, not inside fit",
     "limit_val_batches": "remove it: accuracies are measured on whole test sets, so that runs "
     "compare",
-    "use_distributed_sampler": "remove it: under DDP each process takes its share of every batch",
+    "use_distributed_sampler": "remove it: under DDP each process takes its share of the data",
     "barebones": "remove it: afmbench needs the hooks it disables; logger=none "
     "trainer.enable_progress_bar=false is the leanest run",
 }
@@ -304,6 +304,13 @@ def check_own_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
             f"trainer.strategy={strategy} starts new processes for every fit, and a continual run "
             "keeps its strategies' state from one experience's fit to the next",
             "use trainer.strategy=ddp (its processes live for the whole run)",
+        )
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if any(w in name.lower() for w in ("fsdp", "deepspeed", "model_parallel", "modelparallel")):
+        raise ConfigError(
+            f"trainer.strategy={name} shards the model or takes over its gradients, and "
+            "afmbench's strategies read and update every parameter whole on every process",
+            "use trainer.strategy=ddp",
         )
 
 

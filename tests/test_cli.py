@@ -113,6 +113,8 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path, lau
             ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"],
             "fix: use trainer.strategy=ddp",
         ),
+        (["trainer.strategy=fsdp"], "shards the model or takes over its gradients"),
+        (["trainer.strategy=deepspeed_stage_2"], "fix: use trainer.strategy=ddp"),
         (
             ["-m", "hydra/launcher=nosuch_local", "seed=0,1"],
             "the Hydra launcher 'nosuch_local' is not installed; fix: pip install hydra-nosuch-launcher",
