@@ -49,7 +49,9 @@ class ContinualModule(LightningModule):
         self.task_id: int | None = 0
         self.train_split: Split | None = None
         self.eval_row = 0
-        self.graph_penalty_grads: dict[str, Tensor] = {}
+        # the gradient of the penalties kept in the graph, since the last optimizer step
+        self._penalty_grads: dict[str, Tensor] = {}
+        self._penalty_grads_synced: dict[str, Tensor] | None = None
         self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._epoch_params: dict[str, Tensor] | None = None
@@ -154,9 +156,8 @@ class ContinualModule(LightningModule):
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )
-        self.graph_penalty_grads = {}
         if terms and any(p.needs_penalty_grads for p in self.plugins()):
-            self.graph_penalty_grads = self._grads_of(sum(terms.values()))
+            self._add_penalty_grads(self._grads_of(sum(terms.values())))
         every = self.trainer.log_every_n_steps
         watched = self.trainer.loggers or self.trainer.progress_bar_callback is not None
         if watched and every and (self.global_step + 1) % every == 0:
@@ -170,9 +171,49 @@ class ContinualModule(LightningModule):
                 self.log(f"train/penalty/{name}", term)
         return loss
 
+    @property
+    def graph_penalty_grads(self) -> dict[str, Tensor]:
+        """The gradient of the penalties kept in the autograd graph, by parameter name, as
+        ``p.grad`` holds it at this optimizer step: summed over the step's accumulated batches
+        with Lightning's ``1 / accumulate_grad_batches`` and, under DDP, averaged over the
+        processes like ``p.grad``. A penalty that depends on the batch (the forgetting layer's)
+        differs between batches and between processes."""
+        if self._penalty_grads_synced is None:
+            self._penalty_grads_synced = self._averaged_over_processes(self._penalty_grads)
+        return self._penalty_grads_synced
+
+    def _add_penalty_grads(self, grads: dict[str, Tensor]) -> None:
+        scale = 1.0 / self.trainer.accumulate_grad_batches
+        for name, grad in grads.items():
+            if name in self._penalty_grads:
+                self._penalty_grads[name].add_(grad, alpha=scale)
+            else:
+                self._penalty_grads[name] = grad * scale if scale != 1.0 else grad
+
+    def _averaged_over_processes(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        # every rank keeps the same penalties, so all of them take this branch or none
+        if not grads or self.trainer.world_size == 1:
+            return grads
+        params = self.trainable_parameters()
+        flat = torch.cat(
+            [
+                grads[n].flatten() if n in grads else torch.zeros_like(p).flatten()
+                for n, p in params.items()
+            ]
+        )
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        return {
+            n: g.view_as(params[n])
+            for n, g in zip(params, flat.split([p.numel() for p in params.values()]))
+        }
+
+    def _forget_penalty_grads(self) -> None:
+        self._penalty_grads, self._penalty_grads_synced = {}, None
+
     def on_train_epoch_start(self) -> None:
         # after the callbacks' epoch start, where e.g. a fine-tuning callback may (un)freeze
         self._epoch_params = named_parameters(self.model)
+        self._forget_penalty_grads()
 
     def on_train_epoch_end(self) -> None:
         self._epoch_params = None
@@ -181,7 +222,8 @@ class ContinualModule(LightningModule):
         """Adds the gradients of the closed-form penalties that :meth:`loss` left out of the
         graph: once per optimizer step, after every callback's ``on_before_optimizer_step``
         and after Lightning has all-reduced (DDP) and unscaled (16-bit AMP) the gradients, and
-        before gradient clipping and the step."""
+        before gradient clipping and the step. The next step's graph penalties start afresh."""
+        self._forget_penalty_grads()
         plugins = self._closed_form_plugins()
         if not plugins:
             return

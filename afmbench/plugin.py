@@ -50,8 +50,9 @@ class ContinualPlugin(Callback):
     name: str = "plugin"
     #: Set by plugins that need the gradient of the task loss alone (SI). In a callback's
     #: ``on_before_optimizer_step``, ``p.grad`` holds the gradient of the task loss plus the
-    #: penalties *without* a closed form; the module then also stores the gradient of the
-    #: latter in ``module.graph_penalty_grads`` every step, so it can be taken out.
+    #: penalties *without* a closed form; the module then also keeps the gradient of the
+    #: latter, as ``p.grad`` holds it (accumulated batches, averaged over DDP processes), in
+    #: ``module.graph_penalty_grads``, so it can be taken out.
     needs_penalty_grads: bool = False
     #: Set by plugins whose :meth:`add_penalty_grad` gives the penalty's gradient in closed
     #: form. The module then keeps their penalty out of the autograd graph and adds the

@@ -9,7 +9,7 @@ import torch
 from tests.conftest import REPO
 
 SCRIPT = REPO / "tests" / "scripts" / "ddp_run.py"
-CONFIGS = ["naive", "ewc", "si", "mas", "anpyc", "ewc+fl"]
+CONFIGS = ["naive", "ewc", "si", "mas", "anpyc", "ewc+fl", "si+fl"]
 
 
 def _launch(out, devices, batch_size):

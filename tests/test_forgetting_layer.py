@@ -233,3 +233,27 @@ def test_cli_presets_build_the_callback(preset, mode, irs):
     (callback,) = [p for p in plugins if isinstance(p, ForgettingLayerCallback)]
     assert (callback.mode, callback.irs, callback.rho) == (mode, irs, 2.0)
     assert not plan(load_config(["forgetting=off"])).plugins
+
+
+def test_unit_means_of_a_bf16_model_are_summed_without_losing_batches():
+    """Under trainer.precision=bf16-true the model, and so each batch's statistics, are
+    bf16; the means over a data set must still equal those of the same model in float64 to
+    bf16's rounding of single values, not drift as a bf16 running sum drops whole batches."""
+    from afmbench.forgetting.importance import unit_means
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (8,), (2,), hidden=[16])
+    attach(model, rho=4.0)
+    with torch.no_grad():
+        model.body[2][1].weight.uniform_(-1, 1)  # gates spread over (0, 1)
+    x = torch.randn(20_000, 8)
+    batches = [(x[i : i + 256], None, torch.zeros(len(x[i : i + 256]), dtype=torch.long))
+               for i in range(0, len(x), 256)]  # fmt: skip
+
+    def means(dtype):
+        low = [(b.to(dtype), y, t) for b, y, t in batches]
+        return unit_means(model.to(dtype), low, "gate")["body.2"].double()
+
+    exact = means(torch.float64)
+    assert ((exact > 0.1) & (exact < 0.9)).sum() > 8  # the gates are not saturated
+    torch.testing.assert_close(means(torch.bfloat16), exact, atol=0.01, rtol=0)

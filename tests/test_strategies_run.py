@@ -138,6 +138,55 @@ def test_si_path_integral_matches_the_loss_drop_under_gradient_accumulation() ->
     assert second_task["task"] > second_task["total"] + 0.01  # the penalties did cost something
 
 
+class BatchPenalty(ContinualPlugin):
+    """A penalty without a closed form that depends on the batch, as the forgetting layer's
+    do: the squared mean hidden activation of the current batch."""
+
+    name = "batch"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.x = batch[0]
+
+    def penalty(self, module):
+        x = getattr(self, "x", None)  # none before the first batch
+        return None if x is None else module.model.body(x).mean(0).square().sum()
+
+
+class TaskGradientProbe(ContinualPlugin):
+    """Listed after SI: at every optimizer step, how far SI's g is from the gradient of the
+    task loss over the whole training split (the two accumulated halves of the step)."""
+
+    name = "task_gradient_probe"
+
+    def __init__(self, si: SI) -> None:
+        self.si = si
+        self.errors: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        x, y, _ = pl_module.train_split
+        params = pl_module.trainable_parameters()
+        with torch.enable_grad():
+            loss = F.cross_entropy(pl_module.model(x, 0), y)
+            grads = torch.autograd.grad(loss, list(params.values()))
+        for name, grad in zip(params, grads):
+            error = (self.si._grad[name] - grad).abs().max() / grad.abs().max()
+            self.errors.append(float(error))
+
+
+def test_si_takes_a_batch_dependent_penalty_out_of_an_accumulated_step() -> None:
+    """Two half batches per step, and a penalty in the graph that differs between them: SI's
+    g must be the step's task gradient, so both halves' penalty gradients, each scaled by
+    Lightning's 1/2, come out of ``p.grad``. It used to take out the last half's, unscaled."""
+    si = SI(c=0.5, xi=0.01)
+    probe = TaskGradientProbe(si)
+    torch.manual_seed(0)
+    model = mlp((1, 3, 3), (2,), hidden=(8,))
+    run(two_toy_tasks(), model, [si, probe, BatchPenalty()], max_epochs=3, batch_size=32,
+        trainer_kwargs={"accumulate_grad_batches": 2}, verbose=False)  # fmt: skip
+    assert len(probe.errors) == 2 * 3 * 4  # experiences x steps x parameters
+    assert max(probe.errors) < 1e-5
+
+
 class Decay(ContinualPlugin):
     """A penalty without a closed form (weight decay through autograd)."""
 

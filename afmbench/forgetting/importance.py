@@ -41,14 +41,19 @@ def unit_means(
     ``gate``: switch state (gated layers only); ``activation``: the layer's output;
     ``active``: 1 where the output is positive (the firing rate ``r_i`` of the sparsity
     measure). Means run over samples and positions. ``reduce`` sums a tensor across processes
-    (``ContinualModule.all_reduce_sum``) so every rank gets the same answer.
+    (``ContinualModule.all_reduce_sum``) so every rank gets the same answer. Sums run in at
+    least single precision: in a 16-bit model's dtype a running sum over a data set rounds
+    whole batches away (bf16 keeps 8 bits).
     """
     totals: dict[str, Tensor] = {}
     counts: dict[str, Tensor] = {}
     for values in per_sample(model, batches, statistic):
         for key, value in values.items():
-            totals[key] = totals.get(key, 0) + value.sum(0)
-            counts[key] = counts.get(key, 0) + value.new_tensor(float(value.shape[0]))
+            wide = torch.promote_types(value.dtype, torch.float32)
+            totals[key] = totals.get(key, 0) + value.sum(0, dtype=wide)
+            counts[key] = counts.get(key, 0) + torch.tensor(
+                float(value.shape[0]), dtype=wide, device=value.device
+            )
     return {key: reduce(totals[key]) / reduce(counts[key]) for key in totals}
 
 
