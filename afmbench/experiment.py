@@ -135,7 +135,7 @@ def run(
     if resume_from is not None and run_dir is None:
         run_dir = run_folder_of(resume_from)
     folder = prepare_run_dir(run_dir) if run_dir is not None else None
-    if trainer_kwargs.get("strategy") == "ddp" and scenario.multi_head:
+    if scenario.multi_head and _runs_plain_ddp(trainer_kwargs):
         # Only the current task's head takes part in a step; DDP must be told to expect that.
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     tests = [TensorLoader(scenario.test(j), eval_batch_size) for j in range(scenario.n_experiences)]
@@ -312,6 +312,35 @@ def check_own_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
             "afmbench's strategies read and update every parameter whole on every process",
             "use trainer.strategy=ddp",
         )
+
+
+def _runs_plain_ddp(trainer_kwargs: dict[str, Any]) -> bool:
+    """Whether Lightning runs these options under its plain DDP strategy: ``strategy=ddp``, or
+    ``auto`` over several devices or nodes (where it picks DDP itself)."""
+    strategy = trainer_kwargs.get("strategy", "auto")
+    if strategy != "auto":
+        return strategy == "ddp"
+    if (
+        trainer_kwargs.get("devices", "auto") in (1, "1")
+        and trainer_kwargs.get("num_nodes", 1) == 1
+    ):
+        return False  # one process: nothing to ask Lightning
+    from lightning.pytorch.strategies import DDPStrategy
+
+    with _LightningChatter(verbose=False):
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        chosen = Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs}).strategy
+    if type(chosen) is not DDPStrategy:
+        return False
+    method = getattr(chosen, "_start_method", "popen")
+    if method != "popen":  # an interactive session: Lightning forks or spawns
+        raise ConfigError(
+            f"several devices here make Lightning start DDP by {method}, a new set of processes "
+            "for every fit, and a continual run keeps its strategies' state from one "
+            "experience's fit to the next",
+            "run afmbench from a script or the command line, or use trainer.devices=1",
+        )
+    return True
 
 
 def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:

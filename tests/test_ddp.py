@@ -51,3 +51,22 @@ def test_two_processes_agree_and_match_one_process(runs, config):
     assert (rank0["matrix"] == rank1["matrix"]).all()
     single = _load(runs / "single", config, 0)  # same global batch size
     assert abs(single["acc"] - rank0["acc"]) < 0.05, (single["acc"], rank0["acc"])
+
+
+@pytest.mark.slow
+def test_several_devices_without_a_strategy_run_ddp_on_a_multi_head_model(tmp_path):
+    """``trainer.devices=2`` alone: Lightning picks DDP itself, and the task protocol's unused
+    heads must be declared to it as they are for ``trainer.strategy=ddp`` (this used to end
+    in DDP's unused-parameters traceback, once per process)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    folder = tmp_path / "run"
+    out = run_cli(
+        "run", "trainer.devices=2", "trainer.accelerator=cpu", "scenario.n_experiences=2",
+        "trainer.max_epochs=1", "logger=none", "leaderboard.record=false", f"run_dir={folder}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["protocol"] == "task"
