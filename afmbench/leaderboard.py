@@ -3,8 +3,9 @@
 A row is written in a single transaction when a run finishes, so a killed or failed run leaves
 nothing half-written, and SQLite's locking lets many processes (a sweep, a cluster) add rows
 to the same file at once. Runs that differ only in their seed (same config hash) form one
-group; groups are ranked by mean ACC within each scenario and protocol. std is the sample
-standard deviation (n - 1), shown as 0 for a single seed.
+group, with the latest run of each seed (a rerun of a seed replaces it); groups are ranked by
+mean ACC within each scenario and protocol. std is the sample standard deviation (n - 1) over
+seeds, shown only where there are two or more.
 """
 
 from __future__ import annotations
@@ -143,12 +144,17 @@ class Group:
     config_hash: str
     runs: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, row: dict[str, Any]) -> None:
+        """Add a run (rows come oldest first); a later run of a seed replaces the earlier one,
+        so that n counts seeds and the std is taken over seeds."""
+        self.runs = [r for r in self.runs if r["seed"] != row["seed"]] + [row]
+
     def stat(self, key: str) -> tuple[float | None, float | None]:
-        """Mean and sample std of ``key`` over the runs (std 0 for one run; None if undefined)."""
+        """Mean and sample std of ``key`` over the runs (std None for one run or no values)."""
         values = [r[key] for r in self.runs if r[key] is not None]
         if not values:
             return None, None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
     @property
     def label(self) -> str:
@@ -195,7 +201,7 @@ def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
         if key not in groups:
             groups[key] = Group(row["scenario"], row["protocol"], row["strategy"], bool(row["forgetting_layer"]),
                                 row["config_hash"])  # fmt: skip
-        groups[key].runs.append(row)
+        groups[key].add(row)
     return sorted(
         groups.values(), key=lambda g: (g.scenario, g.protocol, -(g.stat("acc")[0] or 0.0))
     )
@@ -215,35 +221,46 @@ HEADERS = (
 )
 
 
-def table_rows(groups: Sequence[Group]) -> list[list[str]]:
-    """One row per group: mean ± std of ACC, BWT and forgetting over its seeds."""
+STATS = ("acc", "bwt", "forgetting")
+CSV_HEADERS = (
+    "scenario", "protocol", "rank", "strategy", "forgetting_layer",
+    *(f"{key}_{part}" for key in STATS for part in ("mean", "std")), "n", "config_hash",
+)  # fmt: skip
+
+
+def table_rows(groups: Sequence[Group], numbers: bool = False) -> list[list[Any]]:
+    """One row per group: mean ± std of ACC, BWT and forgetting over its seeds (``numbers``:
+    mean and std as two numeric cells each, empty where undefined, for CSV)."""
     rows, rank, previous = [], 0, None
     for group in groups:
         rank = rank + 1 if (group.scenario, group.protocol) == previous else 1
         previous = (group.scenario, group.protocol)
+        stats = [group.stat(key) for key in STATS]
+        cells = [v for stat in stats for v in stat] if numbers else [_mean_std(s) for s in stats]
         rows.append([
-            group.scenario, group.protocol, str(rank), group.strategy,
-            "on" if group.forgetting_layer else "off",
-            *(_mean_std(group.stat(key)) for key in ("acc", "bwt", "forgetting")),
-            str(len(group.runs)), group.config_hash,
+            group.scenario, group.protocol, rank if numbers else str(rank), group.strategy,
+            int(group.forgetting_layer) if numbers else "on" if group.forgetting_layer else "off",
+            *cells, len(group.runs) if numbers else str(len(group.runs)), group.config_hash,
         ])  # fmt: skip
     return rows
 
 
 def _mean_std(stat: tuple[float | None, float | None]) -> str:
     mean, std = stat
-    return "n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"
+    if mean is None:
+        return "n/a"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def render(groups: Sequence[Group], fmt: str) -> str:
     """The leaderboard as ``table``, ``markdown``, ``csv`` or ``html``."""
-    rows = table_rows(groups)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(HEADERS)
-        writer.writerows(rows)
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_HEADERS)
+        writer.writerows(table_rows(groups, numbers=True))
         return buffer.getvalue()
+    rows = table_rows(groups)
     if fmt == "markdown":
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
@@ -279,20 +296,25 @@ def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
     ]
     for scenario, protocol in dict.fromkeys((g.scenario, g.protocol) for g in groups):
         members = [g for g in groups if (g.scenario, g.protocol) == (scenario, protocol)]
+        label = distinct_labels(members)
         parts.append(f"<h2>{html.escape(scenario)} ({html.escape(protocol)}-incremental)</h2>")
-        curves = {g.label: g.curve() for g in members}
+        curves = {label[g.config_hash]: g.curve() for g in members}
         parts.append("<h3>Average accuracy vs number of tasks</h3>")
         parts.append(image(plots.accuracy_curves({k: v[0] for k, v in curves.items()},
                                                  {k: v[1] for k, v in curves.items()})))  # fmt: skip
         parts.append("<h3>Accuracy matrices (mean over seeds)</h3><div>")
         parts += [
-            image(plots.accuracy_heatmap(g.mean_matrix(), g.label, joint=g.strategy == "joint"))
+            image(
+                plots.accuracy_heatmap(
+                    g.mean_matrix(), label[g.config_hash], joint=g.strategy == "joint"
+                )
+            )  # fmt: skip
             for g in members
         ]
         parts.append("</div>")
         for strategy in dict.fromkeys(g.strategy for g in members):
             pair = {
-                g.label: g.importance()
+                label[g.config_hash]: g.importance()
                 for g in members
                 if g.strategy == strategy and g.importance()
             }
@@ -302,6 +324,18 @@ def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
                 parts.append(image(plots.histograms(pair, f"{strategy} importance per layer")))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def distinct_labels(groups: Sequence[Group]) -> dict[str, str]:
+    """Each group's label by config hash, with the hash added where several configurations of
+    one scenario share a label (another lr, strength or model), so no figure merges them."""
+    count: dict[str, int] = {}
+    for group in groups:
+        count[group.label] = count.get(group.label, 0) + 1
+    return {
+        g.config_hash: g.label if count[g.label] == 1 else f"{g.label} [{g.config_hash}]"
+        for g in groups
+    }
 
 
 def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:

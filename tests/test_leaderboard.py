@@ -63,7 +63,27 @@ def test_groups_are_ranked_by_mean_acc_with_sample_std(db):
     assert ewc.stat("bwt") == pytest.approx((-0.10, 0.05))
     naive = groups[2]
     assert naive.stat("acc") == pytest.approx((0.65, np.sqrt(0.005)))
-    assert groups[0].stat("acc") == (0.95, 0.0)  # a single seed has no spread
+    assert groups[0].stat("acc") == (0.95, None)  # a single seed has no spread
+
+
+def test_a_rerun_of_a_seed_replaces_it_and_n_counts_seeds(db, tmp_path):
+    record_run(db, _metrics("ewc", 0, 0.70, -0.2, 0.2, "h-ewc"), tmp_path / "rerun")
+    ewc = load_groups(db)[1]
+    assert sorted(r["seed"] for r in ewc.runs) == [0, 1, 2]
+    assert ewc.stat("acc")[0] == pytest.approx((0.70 + 0.80 + 0.85) / 3)
+
+
+def test_configurations_sharing_a_label_get_their_hash_in_the_figures(db, tmp_path):
+    from afmbench.leaderboard import distinct_labels
+
+    record_run(db, _metrics("ewc", 0, 0.5, -0.1, 0.1, "h-ewc-lr"), tmp_path / "other-lr")
+    labels = distinct_labels(load_groups(db))
+    assert labels == {
+        "h-ewc-f": "ewc + forgetting layer",
+        "h-ewc": "ewc [h-ewc]",
+        "h-ewc-lr": "ewc [h-ewc-lr]",
+        "h-naive": "naive",
+    }
 
 
 def test_renderings_carry_the_same_numbers(db):
@@ -73,12 +93,20 @@ def test_renderings_carry_the_same_numbers(db):
     assert (
         markdown[0].startswith("| scenario | protocol | rank | strategy") and len(markdown) == 2 + 3
     )
-    rows = [line.split(",") for line in render(load_groups(db), "csv").splitlines()[1:]]
-    assert [(r[2], r[3], r[4], r[8]) for r in rows] == [
-        ("1", "ewc", "on", "1"),
-        ("2", "ewc", "off", "3"),
-        ("3", "naive", "off", "2"),
+    assert "0.9500 ±" not in text and "0.9500" in text  # one seed: no spread shown
+    header, *lines = render(load_groups(db), "csv").splitlines()
+    assert header == (
+        "scenario,protocol,rank,strategy,forgetting_layer,acc_mean,acc_std,bwt_mean,bwt_std,"
+        "forgetting_mean,forgetting_std,n,config_hash"
+    )
+    rows = [line.split(",") for line in lines]
+    assert [(r[2], r[3], r[4], r[11]) for r in rows] == [
+        ("1", "ewc", "1", "1"),
+        ("2", "ewc", "0", "3"),
+        ("3", "naive", "0", "2"),
     ]
+    assert float(rows[1][5]) == pytest.approx(0.85) and float(rows[1][6]) == pytest.approx(0.05)
+    assert rows[0][6] == ""  # no std of a single seed
 
 
 def test_scenario_filter(db, tmp_path):
@@ -227,7 +255,8 @@ def test_a_refused_leaderboard_keeps_the_run_and_add_records_it_later(tmp_path, 
     assert _row(later, tmp_path / "a") == _row(live, tmp_path / "a")
     b = _row(later, tmp_path / "b")
     assert b["acc"] == pytest.approx(_row(live, tmp_path / "a")["acc"])  # same seed, same run
-    assert len(load_groups(later)[0].runs) == 2
+    (group,) = load_groups(later)
+    assert [r["run_dir"] for r in group.runs] == [str(tmp_path / "b")]  # the seed's latest run
 
 
 def test_add_refuses_an_unfinished_run(tmp_path, capsys):
