@@ -63,6 +63,14 @@ class Plan:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+def stacked_name(strategy_name: str, strategies: list) -> str:
+    """The strategy a run records: ``joint``, else its strategies' names joined by ``+``
+    (``naive`` when there are none)."""
+    if strategy_name == "joint":
+        return strategy_name
+    return "+".join(p.name for p in strategies) or strategy_name
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Check ``cfg`` and build the data-free parts of the run; raises :class:`ConfigError`."""
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
@@ -118,7 +126,8 @@ def plan(cfg: DictConfig) -> Plan:
     record = {
         "scenario": scenario_name,
         "protocol": scenario.get("protocol", _default(scenario_builder(scenario_name), "protocol")),
-        "strategy": strategy_name,
+        # stacked strategies by name, as a Python run records them: "ewc+si"
+        "strategy": stacked_name(strategy_name, [p for p in plugins if p is not forgetting]),
         "forgetting_layer": forgetting is not None,
         "seed": seed,
         "model": model_name,

@@ -86,6 +86,17 @@ def test_default_configuration_plans_cleanly():
     assert p.scenario["name"] == "split_digits" and p.plugins == [] and not p.joint
 
 
+def test_the_record_names_stacked_strategies_as_the_python_api_does():
+    names = {
+        ("strategy=ewc", "+strategy@extra_strategies.si=si", "forgetting=on"): "ewc+si",
+        ("strategy=ewc", "forgetting=on"): "ewc",
+        ("strategy=naive",): "naive",
+        ("strategy=joint",): "joint",
+    }
+    for overrides, expected in names.items():
+        assert plan(load_config(list(overrides))).record["strategy"] == expected, overrides
+
+
 def _yaml_defaults(group: str):
     for path in sorted(Path(config_dir(), group).glob("*.yaml")):
         node = OmegaConf.load(path)
