@@ -183,15 +183,16 @@ def run(
         started = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader)
         state.train_s.append(time.perf_counter() - started)
+        state.logged_steps += trainer.global_step
         if hasattr(logger, "step_offset"):
-            logger.step_offset += trainer.global_step
+            logger.step_offset = state.logged_steps
         started = time.perf_counter()
         row = _evaluate(trainer, module, tests, row=step + 1)
         state.eval_s.append(time.perf_counter() - started)
         if not joint and trainer.is_global_zero:
             _warn_if_unlearned(step, steps, row[step], state.baseline[step], module, max_epochs)
         state.save(module, trainer, step)
-        state.report(module, trainer, step, plugins, getattr(logger, "step_offset", 0))
+        state.report(module, trainer, step, plugins, state.logged_steps)
         if verbose and trainer.is_global_zero:
             shown = " ".join(f"{a:.3f}" for a in row)
             print(f"after experience {step + 1}/{steps}: accuracy per task [{shown}]", flush=True)
@@ -199,12 +200,15 @@ def run(
     with _LightningChatter(verbose) as chatter, _finishing(logger, verbose):
         trainer = make_trainer()
         chatter.quiet()
+        if resume_from is not None:
+            state.resume(load_checkpoint(resume_from), resume_from, module, plugins)
+            if hasattr(logger, "continue_from"):  # before anything is logged
+                logger.continue_from(state.logged_steps)
         if logger is not None:
             logger.log_hyperparams(
                 record.get("config") or {k: v for k, v in record.items() if k != "config"}
             )
         if resume_from is not None:
-            state.resume(load_checkpoint(resume_from), resume_from, module, plugins)
             if verbose and trainer.is_global_zero:
                 print(f"resuming after experience {len(state.train_s)}/{steps} from {resume_from}")
         else:
@@ -442,6 +446,7 @@ class _RunState:
     reporter: RunReporter
     leaderboard: str | Path | None = None
     baseline: np.ndarray | None = None
+    logged_steps: int = 0  # training steps of the finished experiences (loggers' step axis)
     train_s: list[float] = field(default_factory=list)
     eval_s: list[float] = field(default_factory=list)
 
@@ -468,6 +473,7 @@ class _RunState:
         loop = restore(ckpt, path, module, plugins, self.record["config_hash"])
         self.baseline = np.asarray(loop["baseline"])
         self.train_s, self.eval_s = list(loop["train_s"]), list(loop["eval_s"])
+        self.logged_steps = int(loop.get("logged_steps", 0))  # 0: a checkpoint older than it
 
     def save(self, module: ContinualModule, trainer: Trainer, step: int) -> None:
         """After an experience: checkpoint, then the matrix and metrics so far (rank 0 writes)."""
@@ -480,6 +486,7 @@ class _RunState:
             "baseline": self.baseline,
             "train_s": self.train_s,
             "eval_s": self.eval_s,
+            "logged_steps": self.logged_steps,
         }
         path = checkpoint_path(self.folder, step)
         checkpoints = path.parent

@@ -8,6 +8,7 @@ request falls back to offline mode with a warning, and ``wandb sync`` uploads la
 
 from __future__ import annotations
 
+import csv
 import os
 import urllib.error
 import urllib.request
@@ -17,6 +18,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from afmbench.errors import AfmbenchWarning, ConfigError
 
@@ -31,6 +34,10 @@ class _ContinuousSteps:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         super().log_metrics(metrics, None if step is None else step + self.step_offset)  # type: ignore[misc]
 
+    def continue_from(self, steps: int) -> None:
+        """A resumed run: log on after the ``steps`` training steps its checkpoint covers."""
+        self.step_offset = steps
+
 
 class ContinualWandbLogger(_ContinuousSteps, WandbLogger):
     """Lightning's WandbLogger whose step counts across experiences."""
@@ -42,7 +49,38 @@ class ContinualWandbLogger(_ContinuousSteps, WandbLogger):
 
 
 class ContinualCSVLogger(_ContinuousSteps, CSVLogger):
-    """Lightning's CSVLogger whose step counts across experiences."""
+    """Lightning's CSVLogger whose step counts across experiences, and which a resumed run
+    continues (Lightning's deletes an existing ``metrics.csv``)."""
+
+    def continue_from(self, steps: int) -> None:
+        """Keep the rows up to step ``steps`` (the checkpoint's experiences and their
+        evaluation), drop those of the interrupted experience, and append after them."""
+        super().continue_from(steps)
+        self._keep_rows_until(steps)
+
+    @rank_zero_only
+    def _keep_rows_until(self, steps: int) -> None:
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if path.is_file():
+            with path.open(newline="") as file:
+                reader = csv.DictReader(file)
+                rows = [r for r in reader if r.get("step") and float(r["step"]) <= steps]
+                fields = reader.fieldnames or []
+            with path.open("w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _ContinuedWriter(self.log_dir)
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to the ``metrics.csv`` already in its folder."""
+
+    def _check_log_dir_exists(self) -> None:
+        if Path(self.metrics_file_path).is_file():
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
 
 
 def make_logger(spec: dict[str, Any], folder: Path, group: str | None = None) -> Logger | None:

@@ -159,3 +159,22 @@ def test_online_without_network_falls_back_quickly(monkeypatch):
     with pytest.warns(UserWarning, match="cannot reach"):
         assert wandb_mode("online") == "offline"
     assert time.time() - started < 10
+
+
+def test_a_resumed_run_continues_its_csv_log(tmp_path):
+    """Resuming after experience 1 of 5 keeps the log of experience 1 (Lightning's CSV logger
+    deleted it), drops the rows of the interrupted experiences, and logs them again at the same
+    steps: the file ends as the uninterrupted run's."""
+    scenario = afmbench.build_scenario("split_digits", n_experiences=5)
+
+    def run(**kwargs):
+        afmbench.seed_everything(0)
+        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+        afmbench.run(scenario, model, max_epochs=2, batch_size=64, run_dir=tmp_path,
+                     logger=make_logger({"name": "csv"}, tmp_path), keep_checkpoints=True,
+                     verbose=False, **kwargs)  # fmt: skip
+        return (tmp_path / "csv" / "metrics.csv").read_text()
+
+    uninterrupted = run()
+    assert len(uninterrupted.splitlines()) > 5 * 3  # header, losses and evaluations
+    assert run(resume=tmp_path / "checkpoints" / "experience_0.ckpt") == uninterrupted
