@@ -124,6 +124,8 @@ def run_command(args: list[str]) -> int:
     if not any(a.split("=")[0] in INFO_FLAGS for a in args):
         try:
             check_words(args)
+            if not multirun:
+                check_resumable(overrides)
             check_overrides(overrides, multirun)
             if not multirun:
                 check_resume(overrides)
@@ -167,13 +169,25 @@ def resumed_folder(args: list[str]) -> Path | None:
     return folder
 
 
+def check_resumable(overrides: list[str]) -> None:
+    """Refuse a resume with nothing to resume before any folder is created for it."""
+    from afmbench.checkpoint import find_checkpoint
+
+    options = _options(overrides)
+    resume = options.get("resume", "false")
+    if resume.lower() != "false":
+        run_dir = Path(options["run_dir"]).expanduser() if "run_dir" in options else None
+        find_checkpoint(True if resume.lower() == "true" else resume, run_dir)
+
+
 def check_resume(overrides: list[str]) -> None:
     """Refuse a resume under another configuration here, before Hydra rewrites the run's
     ``.hydra/`` record of its overrides, which a later ``resume=PATH`` would reuse."""
+    from afmbench.checkpoint import different_configuration
+
     folder = resumed_folder(overrides)
     if folder is None:
         return
-    from afmbench.checkpoint import different_configuration
     from afmbench.config import load_config
     from afmbench.runner import changes_since
 
@@ -210,7 +224,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
     """Compose and plan every combination of the overrides; raise :class:`ConfigError` on the
     first problem. Large sweeps check their first combinations only."""
     from afmbench.config import load_config
-    from afmbench.results import prepare_run_dir
+    from afmbench.results import check_new_run_dir, holds_run, prepare_run_dir
     from afmbench.runner import plan
 
     run_dirs = set()
@@ -223,6 +237,15 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
             raise explain_hydra_error(exc, combination) from exc
         plan(cfg)
         run_dirs.add(cfg.run_dir or "runs")
+        if cfg.run_dir and not multirun and cfg.resume is False:
+            check_new_run_dir(cfg.run_dir)  # before Hydra writes its record into it
+        if cfg.run_dir and multirun and Path(cfg.run_dir).is_dir():
+            for job in sorted(Path(cfg.run_dir).iterdir()):
+                if holds_run(job):
+                    raise ConfigError(
+                        f"the sweep folder {cfg.run_dir} already holds runs ({job.name})",
+                        "choose another run_dir for this sweep (or delete that folder)",
+                    )
     for run_dir in sorted(run_dirs):
         # Hydra creates the output folder before a job starts: prove it can, or say why not.
         prepare_run_dir(run_dir)

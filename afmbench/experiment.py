@@ -49,7 +49,14 @@ from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
 from afmbench.progress import ExperienceProgressBar
 from afmbench.reporting import RunReporter
-from afmbench.results import format_report, prepare_run_dir, versions, write_json, write_matrix_csv
+from afmbench.results import (
+    check_new_run_dir,
+    format_report,
+    prepare_run_dir,
+    versions,
+    write_json,
+    write_matrix_csv,
+)
 from afmbench.scenarios.base import Scenario
 
 log = logging.getLogger("afmbench")
@@ -134,6 +141,8 @@ def run(
     resume_from = find_checkpoint(resume, Path(run_dir) if run_dir else None) if resume else None
     if resume_from is not None and run_dir is None:
         run_dir = run_folder_of(resume_from)
+    if run_dir is not None and resume_from is None:
+        check_new_run_dir(run_dir)
     folder = prepare_run_dir(run_dir) if run_dir is not None else None
     if scenario.multi_head and _runs_plain_ddp(trainer_kwargs):
         # Only the current task's head takes part in a step; DDP must be told to expect that.

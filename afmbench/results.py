@@ -40,6 +40,24 @@ def prepare_run_dir(
     return run_dir
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds (part of) a run: its metrics or a checkpoint."""
+    return (folder / "metrics.json").is_file() or any(
+        (folder / "checkpoints").glob("experience_*.ckpt")
+    )
+
+
+def check_new_run_dir(folder: str | os.PathLike) -> None:
+    """Refuse to start a run in a folder that holds another: its figures and checkpoints would
+    mix with the new run's, and its record would be overwritten."""
+    folder = Path(folder).expanduser()
+    if holds_run(folder):
+        raise ConfigError(
+            f"run_dir {folder} already holds a run",
+            f"continue it with resume={folder}, or choose another run_dir (or delete that folder)",
+        )
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -33,7 +33,7 @@ from afmbench.leaderboard import check_db, default_db
 from afmbench.loggers import make_logger, wandb_mode
 from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
-from afmbench.results import prepare_run_dir
+from afmbench.results import check_new_run_dir, prepare_run_dir
 from afmbench.scenarios import build_scenario, scenario_builder
 from afmbench.scenarios.cache import check_only
 from afmbench.strategies import strategy_class
@@ -178,6 +178,8 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     """
     p = plan(cfg)
     check_trainer_options(p.trainer)
+    if not p.resume:
+        check_new_run_dir(run_dir)
     folder = prepare_run_dir(run_dir)
     if p.resume:  # check before anything in the interrupted run's folder is overwritten
         checkpoint = find_checkpoint(p.resume, folder)

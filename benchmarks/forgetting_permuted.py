@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def train(
         plugins.append(ForgettingLayerCallback(**layer))
     torch.manual_seed(seed)
     model = build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=HIDDEN)
+    shutil.rmtree(folder, ignore_errors=True)  # a run killed before its result was saved
     started = time.perf_counter()
     try:
         result = run(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ def execute(suite: str, label: str, runs: Path, force: bool) -> None:
     if not force and _finished(folder):
         print(f"[{suite}/{label}] done already: {folder}", flush=True)
         return
+    shutil.rmtree(folder, ignore_errors=True)  # afmbench refuses a folder that holds a run
     argv = command(suite, label, runs)
     print(f"[{suite}/{label}] {shlex.join(argv)}", flush=True)
     subprocess.run([str(Path(sys.executable).with_name("afmbench")), *argv[1:]], check=False)

@@ -160,6 +160,48 @@ def test_trainer_options_lightning_rejects_are_one_line(tmp_path):
     assert {p.name for p in (tmp_path / "bad").iterdir()} <= {".hydra", "afmbench.log"}
 
 
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("afmbench: error: "), lines
+    return lines[0]
+
+
+def test_a_folder_holding_a_run_is_not_run_into_again(tmp_path, capsys, monkeypatch):
+    """A second run in a run's folder (or a sweep in a sweep's) is refused before Hydra writes
+    into it: its figures and checkpoints used to mix with the new run's. Resuming is fine."""
+    import afmbench
+
+    folder = tmp_path / "run"
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
+    afmbench.run(scenario, model, run_dir=folder, verbose=False)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    capsys.readouterr()  # the scenario's first build shows a bar
+
+    assert main(["run", f"run_dir={folder}", "strategy=si", QUIET]) == 2
+    assert f"run_dir {folder} already holds a run; fix: continue it with resume={folder}" in (
+        _one_error_line(capsys)
+    )
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # untouched
+    with pytest.raises(afmbench.ConfigError, match="already holds a run"):
+        afmbench.run(scenario, model, run_dir=folder, verbose=False)
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    folder.rename(sweep / "0_split_digits_naive_seed0")
+    assert main(["run", "-m", "seed=0,1", f"run_dir={sweep}", QUIET]) == 2
+    assert "the sweep folder" in _one_error_line(capsys)
+
+
+def test_a_resume_with_nothing_to_resume_creates_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["resume=nothing/here"], ["resume=true"], ["resume=true", "run_dir=empty"]):
+        assert main(["run", *args, QUIET]) == 2
+        line = _one_error_line(capsys)
+        assert "resume=true needs a run folder" in line or "no checkpoints/" in line, line
+        assert list(tmp_path.iterdir()) == [], args  # no runs/<time> or run_dir folder
+
+
 def test_unwritable_run_dir_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
