@@ -28,9 +28,14 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / "checkpoints" / f"experience_{step}.ckpt"
 
 
-def find_checkpoint(resume: bool | str | Path, run_dir: Path | None) -> Path:
+def find_checkpoint(
+    resume: bool | str | Path,
+    run_dir: Path | None,
+    fix: str = "give a run folder that finished at least one experience (or a .ckpt file), "
+    "or run without resume= to start afresh",
+) -> Path:
     """The checkpoint ``resume`` points at: ``True`` means the latest one in ``run_dir``;
-    a path may be a checkpoint file or a run folder."""
+    a path may be a checkpoint file or a run folder. ``fix`` says what to do if there is none."""
     where = run_dir if resume is True else Path(str(resume)).expanduser()
     if where is None:
         raise CheckpointError("resume=true needs a run folder", "pass run_dir=PATH or resume=PATH")
@@ -46,8 +51,7 @@ def find_checkpoint(resume: bool | str | Path, run_dir: Path | None) -> Path:
     if not found:
         raise CheckpointError(
             f"no checkpoints/experience_*.ckpt in {where}",
-            "give a run folder that finished at least one experience (or a .ckpt file), "
-            "or run without resume= to start afresh",
+            fix,
         )
     return max(found)[1]
 

@@ -304,8 +304,11 @@ def _suggest_key(key: str, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from afmbench.config import load_config
+    from afmbench.experiment import OWN_TRAINER_OPTIONS
 
     parent, _, leaf = key.rpartition(".")
+    if parent == "trainer" and leaf in OWN_TRAINER_OPTIONS:
+        return f"{key} is afmbench's to set: {OWN_TRAINER_OPTIONS[leaf]}"
     if parent == "trainer" and _is_trainer_option(leaf):
         return f"{leaf} is a Lightning Trainer option outside afmbench's defaults: add it with +{key}=..."
     groups = [

@@ -363,7 +363,12 @@ def leaderboard_command(args: list[str]) -> int:
         "--output", "-o", default=None, help="write to this file instead of printing"
     )
     parser.add_argument("--wandb", action="store_true", help="also push the table to W&B")
-    parser.add_argument("--wandb-mode", default=None, help="offline (default), online or disabled")
+    parser.add_argument(
+        "--wandb-mode",
+        default=None,
+        choices=("offline", "online", "disabled"),
+        help="offline (default, or $WANDB_MODE), online or disabled",
+    )
     parser.add_argument(
         "--add",
         nargs="+",
@@ -373,6 +378,10 @@ def leaderboard_command(args: list[str]) -> int:
     options = parser.parse_args(args)
     db = Path(options.db) if options.db else default_db()
     try:
+        if options.wandb:  # an unusable mode fails before the table is printed
+            from afmbench.loggers import wandb_mode
+
+            options.wandb_mode = wandb_mode(options.wandb_mode)
         if options.add:
             for folder in options.add:
                 record_run(db, finished_metrics(Path(folder)), folder)

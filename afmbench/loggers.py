@@ -111,8 +111,9 @@ def wandb_mode(requested: str | None) -> str:
     """``logger.mode``, else ``$WANDB_MODE``, else offline; online only when it can work."""
     mode = (requested or os.environ.get("WANDB_MODE") or "offline").lower()
     if mode not in WANDB_MODES:
+        source = "logger.mode" if requested else "the environment's WANDB_MODE"
         raise ConfigError(
-            f"logger.mode={mode} is not a W&B mode", f"use one of {', '.join(WANDB_MODES)}"
+            f"{source}={mode} is not a W&B mode", f"use one of {', '.join(WANDB_MODES)}"
         )
     if mode != "online":
         return mode

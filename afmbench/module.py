@@ -152,7 +152,7 @@ class ContinualModule(LightningModule):
         loss, task_loss, terms = self.loss(batch, closed_form=True)
         if not torch.isfinite(loss):
             raise DivergenceError(
-                f"loss became {loss.item()} in experience {self.experience} "
+                f"loss became {loss.item()} in experience {self.experience + 1}/{self.n_experiences} "
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )

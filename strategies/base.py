@@ -148,7 +148,8 @@ class QuadraticPenalty(ContinualPlugin):
         )
         if not all(finite):
             raise DivergenceError(
-                f"{self.name} importance became NaN or infinite in experience {module.experience} "
+                f"{self.name} importance became NaN or infinite in experience "
+                f"{module.experience + 1}/{module.n_experiences} "
                 f"({', '.join(n for n, ok in zip(omega, finite) if not ok)})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )

@@ -110,6 +110,10 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path, lau
         (["+trainer.limit_val_batches=0"], "trainer.limit_val_batches is afmbench's to set"),
         (["+trainer.barebones=true"], "trainer.barebones is afmbench's to set"),
         (
+            ["trainer.logger=true"],
+            "fix: trainer.logger is afmbench's to set: choose it with logger=",
+        ),
+        (
             ["trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"],
             "fix: use trainer.strategy=ddp",
         ),

@@ -27,7 +27,7 @@ def test_nan_penalty_stops_the_run_and_keeps_earlier_results(tmp_path):
     afmbench.seed_everything(0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
     with pytest.raises(
-        DivergenceError, match=r"loss became nan in experience 1 \(epoch 0, step 0\)"
+        DivergenceError, match=r"loss became nan in experience 2/5 \(epoch 0, step 0\)"
     ):
         afmbench.run(
             scenario,
@@ -61,7 +61,7 @@ def test_nan_importance_stops_the_run_and_keeps_earlier_results(mode, tmp_path):
     afmbench.seed_everything(0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
     with pytest.raises(DivergenceError, match=r"ewc importance became NaN or infinite in "
-                       r"experience 1 \(body.1.weight\)"):  # fmt: skip
+                       r"experience 2/5 \(body.1.weight\)"):  # fmt: skip
         afmbench.run(scenario, model, [NanFisherInSecondExperience(mode=mode)], max_epochs=1,
                      run_dir=tmp_path, verbose=False)  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -323,3 +323,18 @@ def test_python_runs_group_by_what_they_compute_not_by_seed(tmp_path):
     assert len({base, *others}) == 5
     groups = load_groups(board)
     assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 1, 2]
+
+
+def test_an_unusable_wandb_mode_fails_before_the_table(db, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as caught:
+        leaderboard_command(["--db", str(db), "--wandb", "--wandb-mode", "bogus"])
+    assert caught.value.code == 2 and "argument --wandb-mode: invalid choice" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    assert leaderboard_command(["--db", str(db), "--wandb"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == (
+        "afmbench: error: the environment's WANDB_MODE=bogus is not a W&B mode; "
+        "fix: use one of offline, online, disabled"
+    )

@@ -97,4 +97,6 @@ def test_probe_command_reports_bad_input(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("afmbench: error: ")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert probe_command([str(tmp_path)]) == 2
-    assert "no checkpoints/experience_*.ckpt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoints/experience_*.ckpt" in err and "resume=" not in err
+    assert "fix: probe a run that finished at least one experience" in err

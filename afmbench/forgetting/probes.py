@@ -259,7 +259,9 @@ def load_run(run_dir: str | Path, max_samples: int | None = 10_000, seed: int = 
         raise ConfigError(
             f"{folder} has no config.yaml", "pass the folder of a run made by `afmbench run`"
         )
-    checkpoint = find_checkpoint(True, folder)
+    checkpoint = find_checkpoint(
+        True, folder, "probe a run that finished at least one experience (its weights are there)"
+    )
     p = plan(OmegaConf.load(config))
     scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
     model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
