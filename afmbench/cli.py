@@ -231,10 +231,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
     for combination in itertools.islice(
         expand_sweeps(overrides, multirun), MAX_CHECKED_COMBINATIONS
     ):
-        try:
-            cfg = load_config(combination)
-        except Exception as exc:  # Hydra's composition errors, translated below
-            raise explain_hydra_error(exc, combination) from exc
+        cfg = load_config(combination)  # Hydra's composition errors come as one line
         plan(cfg)
         run_dirs.add(cfg.run_dir or "runs")
         if cfg.run_dir and not multirun and cfg.resume is False:

@@ -57,11 +57,17 @@ def config_dir() -> str:
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the CLI's configuration in Python, exactly as ``afmbench run`` would."""
+    """Compose the CLI's configuration in Python, exactly as ``afmbench run`` would; an
+    unknown group choice or key is the command line's one-line :class:`ConfigError`."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except Exception as exc:  # Hydra's composition errors, explained once Hydra is closed
+        from afmbench.cli import explain_hydra_error
+
+        raise explain_hydra_error(exc, list(overrides)) from exc
 
 
 @dataclass(frozen=True)

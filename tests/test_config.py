@@ -159,3 +159,13 @@ def test_the_python_api_defaults_are_the_cli_defaults():
     run_defaults = inspect.signature(afmbench.run).parameters
     assert run_defaults["batch_size"].default == DataConfig().batch_size
     assert run_defaults["eval_batch_size"].default == DataConfig().eval_batch_size
+
+
+def test_load_config_mistakes_are_the_cli_s_one_line_errors():
+    for overrides, expected in [
+        (["strategy=ewcc"], "unknown strategy 'ewcc'; fix: use one of anpyc, ewc, joint"),
+        (["optimizer.lrr=1"], "unknown option optimizer.lrr; fix: did you mean optimizer.lr?"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(overrides)
+        assert expected in str(caught.value)
