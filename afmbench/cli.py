@@ -9,9 +9,11 @@ wrong type is one line and exit code 2 instead of a traceback. Errors raised whi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -431,11 +433,28 @@ def hydra_task(cfg) -> None:
         execute(cfg, run_dir, group=sweep)
     except AfmbenchError as error:
         report(error)
+        if hydra_cfg.mode != RunMode.MULTIRUN and not cfg.resume:
+            _remove_unstarted(Path(run_dir))
         if hydra_cfg.mode != RunMode.MULTIRUN or isinstance(error, Interrupted):
             sys.exit(error.exit_code)  # Ctrl-C stops a sweep too
         if os.environ.get(FAILURES_ENV):
             with open(os.environ[FAILURES_ENV], "a") as failures:
                 failures.write(f"{run_dir}\n")
+
+
+def _remove_unstarted(folder: Path) -> None:
+    """A single run that stopped before its first experience was recorded (missing data, a
+    trainer option this machine lacks) leaves no folder of Hydra's files behind: only the files
+    Hydra and afmbench wrote go, and the folder only if nothing else is in it."""
+    from afmbench.results import holds_run
+
+    if holds_run(folder):
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    for name in ("config.yaml", "afmbench.log"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def leaderboard_command(args: list[str]) -> int:

@@ -107,14 +107,20 @@ def make_logger(spec: dict[str, Any], folder: Path, group: str | None = None) ->
     )
 
 
-def wandb_mode(requested: str | None) -> str:
-    """``logger.mode``, else ``$WANDB_MODE``, else offline; online only when it can work."""
+def requested_wandb_mode(requested: str | None) -> str:
+    """``logger.mode``, else ``$WANDB_MODE``, else offline: checked, not yet tried."""
     mode = (requested or os.environ.get("WANDB_MODE") or "offline").lower()
     if mode not in WANDB_MODES:
         source = "logger.mode" if requested else "the environment's WANDB_MODE"
         raise ConfigError(
             f"{source}={mode} is not a W&B mode", f"use one of {', '.join(WANDB_MODES)}"
         )
+    return mode
+
+
+def wandb_mode(requested: str | None) -> str:
+    """The requested mode (:func:`requested_wandb_mode`); online only when it can work."""
+    mode = requested_wandb_mode(requested)
     if mode != "online":
         return mode
     problem = _online_problem()

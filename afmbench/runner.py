@@ -30,7 +30,7 @@ from afmbench.config import (
 from afmbench.errors import ConfigError
 from afmbench.experiment import RunResult, check_loop_options, check_trainer_options, run
 from afmbench.leaderboard import check_db, default_db
-from afmbench.loggers import make_logger, wandb_mode
+from afmbench.loggers import make_logger, requested_wandb_mode
 from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
 from afmbench.results import check_new_run_dir, prepare_run_dir
@@ -115,7 +115,7 @@ def plan(cfg: DictConfig) -> Plan:
     check_loop_options(trainer.get("max_epochs", 1), data.batch_size, data.eval_batch_size, trainer)
     logger = to_plain(cfg.logger)
     if logger.get("name") == "wandb":
-        wandb_mode(logger.get("mode"))  # an unknown mode fails here, not mid-run
+        requested_wandb_mode(logger.get("mode"))  # an unknown mode fails here, not mid-run
     leaderboard = (
         (Path(cfg.leaderboard.db) if cfg.leaderboard.db else default_db())
         if cfg.leaderboard.record

@@ -95,6 +95,8 @@ def test_cli_run_with_forgetting_layer_then_probe(tmp_path, capsys):
 def test_probe_command_reports_bad_input(tmp_path, capsys):
     assert main(["probe", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("afmbench: error: ")
+    assert main(["probe", str(tmp_path), "--noise", "-1"]) == 2
+    assert "--noise > 0" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert probe_command([str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -317,14 +317,16 @@ def probe_command(args: list[str]) -> int:
         default=1.0,
         help="perturbation std, in units of the layer's weight std",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the sample subset, random orders and noise draws"
+    )
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/probes)")
     options = parser.parse_args(args)
     try:
-        if options.repeats < 1 or options.max_samples < 0:
+        if options.repeats < 1 or options.max_samples < 0 or not options.noise > 0:
             raise ConfigError(
-                "--repeats must be >= 1 and --max-samples >= 0",
-                "e.g. --repeats 10 --max-samples 10000",
+                "--repeats must be >= 1, --max-samples >= 0 and --noise > 0",
+                "e.g. --repeats 10 --max-samples 10000 --noise 1",
             )
         subject = load_run(options.run_dir, options.max_samples or None, options.seed)
         out = options.out or Path(options.run_dir) / "probes"
