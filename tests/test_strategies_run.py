@@ -182,7 +182,8 @@ def test_si_takes_a_batch_dependent_penalty_out_of_an_accumulated_step() -> None
     torch.manual_seed(0)
     model = mlp((1, 3, 3), (2,), hidden=(8,))
     run(two_toy_tasks(), model, [si, probe, BatchPenalty()], max_epochs=3, batch_size=32,
-        trainer_kwargs={"accumulate_grad_batches": 2}, verbose=False)  # fmt: skip
+        optimizer=OptimizerConfig(lr=0.2), trainer_kwargs={"accumulate_grad_batches": 2},
+        verbose=False)  # fmt: skip
     assert len(probe.errors) == 2 * 3 * 4  # experiences x steps x parameters
     assert max(probe.errors) < 1e-5
 
