@@ -393,8 +393,8 @@ def default_record(
     strategy = "joint" if joint else "+".join(names) or "naive"
     optimizer, batch_size, trainer_kwargs = settings
     placement = {k.split(".", 1)[1] for k in NON_IDENTITY_KEYS if k.startswith("trainer.")}
-    ident = {
-        "scenario": scenario.params,
+    ident = {  # the scenario's seed varies with the run's, as scenario.seed=${seed} in the CLI
+        "scenario": {k: v for k, v in scenario.params.items() if k != "seed"},
         "model": repr(model),
         "plugins": [repr(p) for p in plugins],
         "joint": joint,

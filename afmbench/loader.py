@@ -56,8 +56,8 @@ class TensorLoader:
             order = torch.arange(n)
         rank, world = _rank_and_world()
         if world > 1:
-            if self.pad and n % world:
-                order = torch.cat([order, order[: world - n % world]])
+            if self.pad and n % world:  # repeat the order (fewer samples than ranks included)
+                order = order.repeat(-(-world // n) + 1)[: -(-n // world) * world]
             order = order[rank::world]
         return order
 

@@ -105,9 +105,22 @@ class Scenario:
         """
         if not train or len(train) != len(test):
             raise ValueError("train and test need one split per experience (and at least one)")
+        by_task = protocol == "task"
+        if not by_task and len(head_sizes) != 1:
+            raise ValueError(
+                f"the {protocol} protocol trains one shared head: pass one head size, "
+                f"not {tuple(head_sizes)} (one head per task is the task protocol)"
+            )
         for kind, splits in (("train", train), ("test", test)):
             for e, split in enumerate(splits):
-                _check_split(f"{kind} split {e}", split, tuple(train[0][0].shape[1:]), head_sizes)
+                shape = tuple(train[0][0].shape[1:])
+                _check_split(f"{kind} split {e}", split, shape, head_sizes, by_task)
+        for e, (_, _, t) in enumerate(train if by_task else []):
+            if len(t) and int(t.min()) != int(t.max()):
+                raise ValueError(
+                    f"train split {e} holds task labels {t.unique().tolist()}: under the task "
+                    "protocol an experience is one task (its head is trained)"
+                )
         tensors = {("train", e): s for e, s in enumerate(train)}
         tensors.update({("test", e): s for e, s in enumerate(test)})
         task_ids = tuple(int(s[2][0]) for s in train)
@@ -125,7 +138,7 @@ class Scenario:
 
 
 def _check_split(
-    where: str, split: Split, input_shape: tuple[int, ...], heads: tuple[int, ...]
+    where: str, split: Split, input_shape: tuple[int, ...], heads: tuple[int, ...], by_task: bool
 ) -> None:
     """One clear error for a split the models and losses would reject later, or misread."""
     if len(split) != 3:
@@ -141,9 +154,9 @@ def _check_split(
         raise ValueError(f"{where}: {len(x)} inputs, {len(y)} labels and {len(t)} task labels")
     if tuple(x.shape[1:]) != input_shape:
         raise ValueError(f"{where}: inputs of shape {tuple(x.shape[1:])}, not {input_shape}")
-    multi_head = len(heads) > 1  # with one head the task labels choose nothing
-    if multi_head and len(t) and not 0 <= int(t.min()) <= int(t.max()) < len(heads):
+    # the task protocol picks each sample's head by its task label; otherwise one head serves
+    if by_task and len(t) and not 0 <= int(t.min()) <= int(t.max()) < len(heads):
         raise ValueError(f"{where}: task labels must lie in [0, {len(heads)}) (one per head)")
-    width = torch.tensor(heads)[t.long()] if multi_head else heads[0]
+    width = torch.tensor(heads)[t.long()] if by_task else heads[0]
     if len(y) and not ((y >= 0) & (y < width)).all():
         raise ValueError(f"{where}: labels must be class indices below their head's size {heads}")

@@ -85,7 +85,7 @@ def split_cifar110(
             f"scenario.n_experiences={n_experiences} leaves no CIFAR-100 experience",
             "use at least 2 (CIFAR-10, then CIFAR-100 splits)",
         )
-    check_divides(n_experiences - 1, cifar100_classes, "the CIFAR-100 part")
+    check_divides(n_experiences, cifar100_classes, "the CIFAR-100 part", before=1)
     if protocol == "domain" and cifar100_classes // (n_experiences - 1) != 10:
         raise ConfigError(
             "the domain protocol needs 10 classes in every experience of split_cifar110",

@@ -54,13 +54,16 @@ def check_positive_experiences(n_experiences: int) -> None:
         )
 
 
-def check_divides(n_experiences: int, n_classes: int, dataset: str) -> None:
-    """Split scenarios need the same number of classes in every experience."""
-    if not isinstance(n_experiences, int) or n_experiences < 1 or n_classes % n_experiences:
-        divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+def check_divides(n_experiences: int, n_classes: int, dataset: str, before: int = 0) -> None:
+    """Split scenarios need the same number of classes in every experience; ``before``
+    experiences come ahead of the split ones (split_cifar110's CIFAR-10), so the user's
+    ``n_experiences`` and the fitting values are named with them included."""
+    split = n_experiences - before if isinstance(n_experiences, int) else n_experiences
+    if not isinstance(split, int) or split < 1 or n_classes % split:
+        divisors = [d + before for d in range(1, n_classes + 1) if n_classes % d == 0]
         raise ConfigError(
-            f"scenario.n_experiences={n_experiences} does not divide the {n_classes} classes "
-            f"of {dataset}",
+            f"scenario.n_experiences={n_experiences} does not split the {n_classes} classes "
+            f"of {dataset} evenly",
             f"use one of {', '.join(map(str, divisors))}",
         )
 

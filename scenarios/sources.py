@@ -9,6 +9,7 @@ ever downloaded: a missing file is a :class:`DataNotFoundError` naming what to p
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -51,14 +52,22 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache or os.environ.get("AFMBENCH_CACHE_DIR") or default).expanduser()
 
 
+def extracted_root(root: Path, cache: Path) -> Path:
+    """Where the cache keeps the files decompressed from data root ``root``: a folder of its
+    own per root, so that two data folders never share (and mix up) their extracted files."""
+    key = hashlib.sha256(str(root.expanduser().resolve()).encode()).hexdigest()[:12]
+    return cache / "datasets" / key
+
+
 def prepare_mnist_like(name: str, root: Path, cache: Path) -> Path:
-    """Make ``<cache>/datasets/<name>/raw`` hold the four decompressed idx files; return ``<cache>/datasets``.
+    """Make ``<extracted root>/<name>/raw`` hold the four decompressed idx files; return the
+    extracted root (:func:`extracted_root`).
 
     torchvision's MNIST-style datasets read the decompressed files; the data root may only
     have the ``.gz`` archives and may be read-only, so decompression happens in the cache.
     """
     source = root / name / "raw"
-    target_root = cache / "datasets"
+    target_root = extracted_root(root, cache)
     target = target_root / name / "raw"
     missing = [
         f for f in MNIST_FILES if not (source / f).is_file() and not (source / f"{f}.gz").is_file()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from afmbench.errors import DataNotFoundError
+from afmbench.errors import ConfigError, DataNotFoundError
 from afmbench.scenarios import build_scenario
 from afmbench.scenarios.cifar import NORMALIZATION
 from afmbench.scenarios.sources import load_cifar
@@ -99,6 +99,16 @@ def test_split_cifar110_starts_with_all_of_cifar10(cifar_root):
     assert scenario.classes[1] == tuple(range(10, 20))  # CIFAR-100 classes 0..9, offset by 10
     assert scenario.head_sizes == (10,) * 6
     assert len(scenario.train(0)[0]) == 10 * 2 * 5 and len(scenario.train(5)[0]) == 10 * 4
+
+
+def test_split_cifar110_names_the_experiences_the_user_asked_for():
+    """n_experiences counts CIFAR-10's experience too: the message must name the user's value
+    and values that work (it named n_experiences - 1 and its divisors)."""
+    with pytest.raises(ConfigError) as caught:
+        build_scenario("split_cifar110", n_experiences=4, cifar100_classes=50)
+    message = str(caught.value)
+    assert message.startswith("scenario.n_experiences=4 does not split the 50 classes")
+    assert message.endswith("use one of 2, 3, 6, 11, 26, 51")
 
 
 def test_missing_cifar_archive_names_the_file(tmp_path):

@@ -74,7 +74,7 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path, lau
             ["trainer.max_epoch=1"],
             "unknown option trainer.max_epoch; fix: did you mean trainer.max_epochs?",
         ),
-        (["scenario.n_experiences=3"], "scenario.n_experiences=3 does not divide the 10 classes"),
+        (["scenario.n_experiences=3"], "scenario.n_experiences=3 does not split the 10 classes"),
         (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be positive"),
         (["strategy=ewc", "strategy.lambda_=-5"], "strategy.lambda_=-5.0 must be >= 0"),
         (["strategy=si", "strategy.c=-1"], "strategy.c=-1.0 must be >= 0"),

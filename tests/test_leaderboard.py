@@ -305,15 +305,24 @@ def test_python_runs_group_by_what_they_compute_not_by_seed(tmp_path):
     scenario = afmbench.build_scenario("split_digits", n_experiences=2, protocol="task")
     board = tmp_path / "board.sqlite"
 
-    def run(seed=0, hidden=(16,), **kwargs):
+    def run(seed=0, hidden=(16,), data=scenario, **kwargs):
         afmbench.seed_everything(seed)
-        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes,
+        model = afmbench.build_model("mlp", data.input_shape, data.head_sizes,
                                      hidden=list(hidden))  # fmt: skip
-        return afmbench.run(scenario, model, [EWC(lambda_=10)], seed=seed,
+        return afmbench.run(data, model, [EWC(lambda_=10)], seed=seed,
                             leaderboard=board, verbose=False, **kwargs).metrics["config_hash"]  # fmt: skip
 
     base = run()
     assert run(seed=1) == base
+    # a shuffled class order is another scenario, the same one whatever its seed (the CLI ties
+    # scenario.seed to the run's seed and leaves it out of the hash)
+    shuffled = [
+        afmbench.build_scenario(
+            "split_digits", n_experiences=2, protocol="task", class_order="shuffled", seed=seed
+        )
+        for seed in (2, 3)
+    ]
+    assert run(seed=2, data=shuffled[0]) == run(seed=3, data=shuffled[1]) != base
     others = [
         run(optimizer=afmbench.OptimizerConfig(lr=0.05)),
         run(batch_size=16),
@@ -322,7 +331,7 @@ def test_python_runs_group_by_what_they_compute_not_by_seed(tmp_path):
     ]
     assert len({base, *others}) == 5
     groups = load_groups(board)
-    assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 1, 2]
+    assert sorted(len(g.runs) for g in groups) == [1, 1, 1, 1, 2, 2]
 
 
 def test_an_unusable_wandb_mode_fails_before_the_table(db, capsys, monkeypatch):

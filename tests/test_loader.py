@@ -46,3 +46,22 @@ def test_ranks_share_the_data(monkeypatch, pad, expected_total):
         seen += rows
     assert len(seen) == expected_total
     assert set(seen) == set(range(11))
+
+
+@pytest.mark.parametrize("n, world", [(1, 3), (2, 5), (7, 4)])
+def test_padding_gives_every_rank_its_batches_even_with_fewer_samples_than_ranks(
+    monkeypatch, n, world
+):
+    """Under DDP every rank must run as many batches as ``len`` promises (a rank with none
+    would leave the others waiting in their all-reduce). With fewer samples than ranks the
+    padding used to be too short and a rank got nothing."""
+    x = torch.arange(n)
+    per_rank = []
+    for rank in range(world):
+        monkeypatch.setattr(loader_module, "_rank_and_world", lambda r=rank: (r, world))
+        loader = TensorLoader((x, x), batch_size=2, shuffle=True, seed=0, pad=True)
+        rows = _rows(loader)
+        assert len(loader) == -(-len(rows) // 2) >= 1
+        per_rank.append(rows)
+    assert {len(rows) for rows in per_rank} == {-(-n // world)}
+    assert set().union(*per_rank) == set(range(n))

@@ -12,7 +12,7 @@ import torch
 from afmbench.errors import ConfigError, DataNotFoundError
 from afmbench.scenarios import build_scenario
 from afmbench.scenarios.cache import decode, encode
-from afmbench.scenarios.sources import prepare_mnist_like
+from afmbench.scenarios.sources import extracted_root, prepare_mnist_like
 
 
 def test_split_digits_task_protocol_has_one_two_way_head_per_task():
@@ -75,7 +75,7 @@ def test_joint_train_concatenates_every_experience():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"n_experiences": 3}, "does not divide the 10 classes"),
+        ({"n_experiences": 3}, "does not split the 10 classes"),
         ({"protocol": "sideways"}, "unknown protocol"),
         ({"class_order": [0, 1]}, "not a valid class order"),
     ],
@@ -119,6 +119,25 @@ def test_scenario_from_tensors_names_what_is_wrong_with_a_split(split, heads, er
     assert Scenario.from_tensors("toy", "domain", [one_head], [one_head], (2,)).n_experiences == 1
     with pytest.raises(ValueError, match="at least one"):
         Scenario.from_tensors("toy", "domain", [], [], (2,))
+
+
+def test_scenario_from_tensors_checks_heads_and_task_labels_against_the_protocol():
+    """Each used to be accepted: a shared-head protocol with several heads trained head 0 and
+    scored task 1 on an untrained head; a task label without a head failed mid-training; a
+    training split mixing tasks was trained on its first sample's head only."""
+    from afmbench.scenarios import Scenario
+
+    two_tasks = _split(t=torch.tensor([0, 1] * 4))
+    cases = [
+        ("domain", [_split()], (2, 2), "the domain protocol trains one shared head"),
+        ("task", [_split(t=torch.ones(8, dtype=torch.long))], (2,), "must lie in [0, 1)"),
+        ("task", [two_tasks], (2, 2), "train split 0 holds task labels [0, 1]"),
+    ]
+    for protocol, train, heads, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Scenario.from_tensors("toy", protocol, train, train, heads)
+    joint_test = Scenario.from_tensors("toy", "task", [_split()], [two_tasks], (2, 2))
+    assert joint_test.task_ids == (0,)  # a test split may mix tasks: each sample uses its head
 
 
 def test_permuted_scenarios_reject_the_class_protocol():
@@ -266,4 +285,33 @@ def test_damaged_mnist_files_are_one_line_naming_the_file(tmp_path, damage):
     assert reason in str(caught.value) and f"replace it with the original {culprit.name}" in str(
         caught.value
     )
-    assert not list((tmp_path / "cache" / "datasets" / "MNIST" / "raw").glob(f"{bad}*"))
+    extracted = extracted_root(tmp_path / "data", tmp_path / "cache") / "MNIST" / "raw"
+    assert extracted.is_dir() and not list(extracted.glob(f"{bad}*"))
+
+
+def test_two_data_roots_never_share_their_extracted_files(tmp_path):
+    """One cache, two data folders holding different MNIST files: each scenario is built
+    from its own folder's data (the second used to be served the first one's extracted files)."""
+
+    shapes = {"train-images-idx3-ubyte": (20, 28, 28), "train-labels-idx1-ubyte": (20,),
+              "t10k-images-idx3-ubyte": (10, 28, 28), "t10k-labels-idx1-ubyte": (10,)}  # fmt: skip
+    for seed, folder in enumerate(("a", "b")):
+        raw = tmp_path / folder / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for i, (name, shape) in enumerate(shapes.items()):
+            data = _idx(shape, 10 * seed + i)
+            if name.endswith("labels-idx1-ubyte"):  # labels 0..9, as split_mnist needs
+                data = data[:8] + bytes(j % 10 for j in range(shape[0]))
+            (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+    built = [
+        build_scenario(
+            "split_mnist", n_experiences=1, root=str(tmp_path / f), cache=str(tmp_path / "cache")
+        )
+        for f in ("a", "b")
+    ]
+    assert not torch.equal(built[0].train(0)[0], built[1].train(0)[0])
+    roots = [prepare_mnist_like("MNIST", tmp_path / f, tmp_path / "cache") for f in ("a", "b")]
+    for root, folder in zip(roots, ("a", "b")):
+        extracted = (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
+        original = tmp_path / folder / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+        assert extracted == gzip.decompress(original.read_bytes())
