@@ -18,7 +18,7 @@ import torch
 
 from afmbench.config import explain_differences
 from afmbench.errors import CheckpointError, first_line
-from afmbench.module import ContinualModule, make_optimizer
+from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
 
 CHECKPOINT = re.compile(r"experience_(\d+)\.ckpt$")
@@ -150,7 +150,5 @@ def restore(
             f"checkpoint {path} does not fit this run ({type(exc).__name__}: {str(exc)[:120]})",
             "resume with the same strategy, model and plugins as the interrupted run",
         ) from exc
-    if state.get("optimizer") is not None:
-        module._optimizer = make_optimizer(module.optimizer_config, module.parameters())
-        module._optimizer.load_state_dict(state["optimizer"])
+    module.restored_optimizer_state = state.get("optimizer")  # loaded by configure_optimizers
     return state

@@ -27,7 +27,7 @@ class TensorLoader:
     order does not depend on global RNG state. Under DDP every rank takes every
     ``world_size``-th index of the same order; ``pad`` repeats indices so that all ranks see
     the same number of batches (needed in training, where steps are collective) and evaluation
-    leaves it off so no sample is counted twice.
+    leaves it off so no sample is counted twice. ``shard=False`` gives every rank all of it.
     """
 
     def __init__(
@@ -37,6 +37,7 @@ class TensorLoader:
         shuffle: bool = False,
         seed: int = 0,
         pad: bool | None = None,
+        shard: bool = True,
     ) -> None:
         if len({len(t) for t in tensors}) != 1:
             raise ValueError("all tensors need the same number of rows")
@@ -45,7 +46,11 @@ class TensorLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.pad = shuffle if pad is None else pad
+        self.shard = shard
         self.epoch = 0
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return _rank_and_world() if self.shard else (0, 1)
 
     def _indices(self) -> Tensor:
         n = len(self.tensors[0])
@@ -54,7 +59,7 @@ class TensorLoader:
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
-        rank, world = _rank_and_world()
+        rank, world = self._rank_and_world()
         if world > 1:
             if self.pad and n % world:  # repeat the order (fewer samples than ranks included)
                 order = order.repeat(-(-world // n) + 1)[: -(-n // world) * world]
@@ -63,7 +68,7 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.tensors[0])
-        rank, world = _rank_and_world()
+        rank, world = self._rank_and_world()
         local = -(-n // world) if self.pad else len(range(rank, n, world))
         return -(-local // self.batch_size)
 

@@ -27,31 +27,45 @@ class AccuracyMatrix(Metric):
     ``update(preds, target, row, task)`` adds one batch; ``compute()`` returns the accuracy
     matrix with rows ``0..n_rows-1`` (NaN where nothing was evaluated). It is a record of the
     whole run, so nothing resets it between evaluations.
+
+    Under DDP each process counts its share of the test sets and ``compute`` sums them.
+    Checkpoints hold the sum (:meth:`global_counts`); every process of a resumed run loads it,
+    so restored counts are kept apart from the live ones and added once, after the sync.
     """
 
     full_state_update = False
 
     def __init__(self, n_rows: int, n_tasks: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state(
-            "correct", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True
-        )
-        self.add_state(
-            "total", torch.zeros(n_rows, n_tasks, dtype=torch.long), "sum", persistent=True
-        )
+        shape = (n_rows, n_tasks)
+        self.add_state("correct", torch.zeros(shape, dtype=torch.long), "sum", persistent=True)
+        self.add_state("total", torch.zeros(shape, dtype=torch.long), "sum", persistent=True)
+        self.register_buffer("restored_correct", torch.zeros(shape, dtype=torch.long), False)
+        self.register_buffer("restored_total", torch.zeros(shape, dtype=torch.long), False)
 
     def update(self, preds: Tensor, target: Tensor, row: int, task: int) -> None:  # type: ignore[override]
         self.correct[row, task] += (preds == target).sum()
         self.total[row, task] += target.numel()
 
+    def global_counts(self) -> tuple[Tensor, Tensor]:
+        """``(correct, total)`` over all processes, restored counts included (under DDP a
+        collective call: every rank must make it)."""
+        with self.sync_context():  # a no-op in one process
+            return self.correct + self.restored_correct, self.total + self.restored_total
+
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for live, restored in ((self.correct, self.restored_correct),
+                               (self.total, self.restored_total)):  # fmt: skip
+            restored.copy_(live)
+            live.zero_()
         # Restored counts are real updates: computing from them is expected, not an error.
-        self._update_count = int(self.total.sum() > 0)
+        self._update_count = int(self.restored_total.sum() > 0)
 
     def compute(self) -> Tensor:
-        total = self.total.to(torch.float64)
-        return torch.where(total > 0, self.correct / total.clamp(min=1), torch.nan)
+        correct = self.correct + self.restored_correct
+        total = (self.total + self.restored_total).to(torch.float64)
+        return torch.where(total > 0, correct / total.clamp(min=1), torch.nan)
 
 
 def summarize(matrix: np.ndarray, baseline: np.ndarray | None = None) -> dict[str, Any]:

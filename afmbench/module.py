@@ -52,6 +52,8 @@ class ContinualModule(LightningModule):
         # the gradient of the penalties kept in the graph, since the last optimizer step
         self._penalty_grads: dict[str, Tensor] = {}
         self._penalty_grads_synced: dict[str, Tensor] | None = None
+        self._batches_in_step = 0  # batches accumulated into the coming optimizer step
+        self.restored_optimizer_state: dict | None = None  # loaded once the optimizer exists
         self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._epoch_params: dict[str, Tensor] | None = None
@@ -84,13 +86,18 @@ class ContinualModule(LightningModule):
         return named_parameters(self.model)
 
     def batches(
-        self, max_samples: int | None = None, batch_size: int = 256, label: str | None = None
+        self,
+        max_samples: int | None = None,
+        batch_size: int = 256,
+        label: str | None = None,
+        every_rank: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """This rank's share of the current experience's training data, on the module's device.
 
         ``max_samples`` takes a fixed random subset (the same on every rank), as importance
         estimates often do. Sums over these batches must go through :meth:`all_reduce_sum`.
-        A ``label`` shows the pass as a bar (see :meth:`progress`).
+        ``every_rank`` gives each rank all of it instead (a sample that must be the same on
+        every rank). A ``label`` shows the pass as a bar (see :meth:`progress`).
         """
         if self.train_split is None:
             raise RuntimeError("no experience is being trained")
@@ -99,7 +106,7 @@ class ContinualModule(LightningModule):
             generator = torch.Generator().manual_seed(1_000_003 * (self.experience + 1))
             keep = torch.randperm(len(split[0]), generator=generator)[:max_samples]
             split = tuple(t[keep] for t in split)
-        loader = TensorLoader(split, batch_size, shuffle=False, pad=False)
+        loader = TensorLoader(split, batch_size, shuffle=False, pad=False, shard=not every_rank)
         # as Lightning's loops hand batches to the steps: on the device, and in the dtype of
         # the weights under a true-precision setting (trainer.precision=bf16-true, 64-true)
         convert = self.trainer.precision_plugin.convert_input if self._trainer else tuple
@@ -156,6 +163,7 @@ class ContinualModule(LightningModule):
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )
+        self._batches_in_step += 1
         if terms and any(p.needs_penalty_grads for p in self.plugins()):
             self._add_penalty_grads(self._grads_of(sum(terms.values())))
         every = self.trainer.log_every_n_steps
@@ -209,6 +217,7 @@ class ContinualModule(LightningModule):
 
     def _forget_penalty_grads(self) -> None:
         self._penalty_grads, self._penalty_grads_synced = {}, None
+        self._batches_in_step = 0
 
     def on_train_epoch_start(self) -> None:
         # after the callbacks' epoch start, where e.g. a fine-tuning callback may (un)freeze
@@ -222,15 +231,27 @@ class ContinualModule(LightningModule):
         """Adds the gradients of the closed-form penalties that :meth:`loss` left out of the
         graph: once per optimizer step, after every callback's ``on_before_optimizer_step``
         and after Lightning has all-reduced (DDP) and unscaled (16-bit AMP) the gradients, and
-        before gradient clipping and the step. The next step's graph penalties start afresh."""
+        before gradient clipping and the step. The next step's graph penalties start afresh.
+
+        Lightning divides each batch's loss by ``accumulate_grad_batches``, also in an epoch's
+        last, partial window of m batches, where the loss then weighs m / k: the closed-form
+        gradients get the same weight, as the penalties would inside the loss."""
+        weight = self._batches_in_step / self.trainer.accumulate_grad_batches
         self._forget_penalty_grads()
         plugins = self._closed_form_plugins()
         if not plugins:
             return
         params = self.trainable_parameters()
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+        added = grads if weight == 1 else {}  # a partial window: weigh the penalties apart
         for plugin in plugins:
-            plugin.add_penalty_grad(self, grads)
+            plugin.add_penalty_grad(self, added)
+        if added is not grads:
+            for name, grad in added.items():
+                if name in grads:
+                    grads[name].add_(grad, alpha=weight)
+                else:
+                    grads[name] = grad.mul_(weight)
         for name, grad in grads.items():
             if params[name].grad is None:
                 params[name].grad = grad
@@ -263,14 +284,25 @@ class ContinualModule(LightningModule):
         self.accuracy.update(preds, y, self.eval_row, dataloader_idx)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self._optimizer is None or self.optimizer_config.reset_between_experiences:
+        reset = self.optimizer_config.reset_between_experiences
+        restored, self.restored_optimizer_state = self.restored_optimizer_state, None
+        if self._optimizer is None or reset:
             self._optimizer = make_optimizer(self.optimizer_config, self.parameters())
+            if restored and not reset:
+                # here, once the weights have their final dtype (bf16-true converts them in
+                # fit): loading earlier would cast the state to the unconverted weights' dtype
+                self._optimizer.load_state_dict(restored)
         return self._optimizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Checkpoints also carry the experience loop's state and the persistent optimizer."""
+        """Checkpoints also carry the experience loop's state and the persistent optimizer, and
+        the accuracy counts of all processes (each holds only its own share of the test sets;
+        every rank runs this hook)."""
         optimizer = self._optimizer.state_dict() if self._optimizer is not None else None
         checkpoint["afmbench"] = {**self.loop_state, "optimizer": optimizer}
+        correct, total = self.accuracy.global_counts()
+        checkpoint["state_dict"]["accuracy.correct"] = correct
+        checkpoint["state_dict"]["accuracy.total"] = total
 
 
 def make_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:

@@ -50,6 +50,10 @@ def test_two_processes_agree_and_match_one_process(runs, config):
         _assert_identical(rank0["importance"][name], rank1["importance"][name])
     assert (rank0["matrix"] == rank1["matrix"]).all()
     single = _load(runs / "single", config, 0)  # same global batch size
+    for name, gates in single["gates"].items():  # the layer's gate sample: every rank's, whole
+        for key, sample in gates.items():
+            assert rank0["gates"][name][key].shape == sample.shape, key
+            _assert_identical(rank0["gates"][name], rank1["gates"][name])
     assert abs(single["acc"] - rank0["acc"]) < 0.05, (single["acc"], rank0["acc"])
 
 
@@ -70,3 +74,23 @@ def test_several_devices_without_a_strategy_run_ddp_on_a_multi_head_model(tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["protocol"] == "task"
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_run_equals_the_uninterrupted_one(tmp_path):
+    """Each process counts its share of the test sets; a checkpoint must hold the sum, and a
+    resumed run must count it once. It held rank 0's share, which every rank then loaded, so
+    the finished experiences' rows changed on resume."""
+    import json
+
+    script = REPO / "tests" / "scripts" / "ddp_resume.py"
+    checkpoint = tmp_path / "full" / "checkpoints" / "experience_0.ckpt"
+    for args in ([tmp_path / "full"], [tmp_path / "resumed", checkpoint]):
+        proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    full, resumed = (
+        json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("full", "resumed")
+    )
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["bwt"] == full["bwt"] and resumed["status"] == "finished"

@@ -130,6 +130,33 @@ def test_resume_from_python_refuses_another_optimizer_or_model(tmp_path):
     assert resumed.metrics["status"] == "finished"
 
 
+def test_resume_in_bf16_true_with_a_kept_optimizer_equals_the_uninterrupted_run(tmp_path):
+    """bf16-true converts the weights inside fit; the restored optimizer state must be loaded
+    after that, in the weights' dtype (it was cast to float32, and the run drifted)."""
+    from afmbench.strategies import EWC
+
+    def run(folder, **kwargs):
+        scenario = afmbench.build_scenario("split_digits", n_experiences=5)
+        afmbench.seed_everything(0)
+        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+        result = afmbench.run(
+            scenario, model, [EWC(lambda_=10)], max_epochs=2, run_dir=folder, verbose=False,
+            optimizer=afmbench.OptimizerConfig(reset_between_experiences=False),
+            trainer_kwargs={"precision": "bf16-true"}, keep_checkpoints=True, **kwargs,
+        )  # fmt: skip
+        return result.module
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=tmp_path / "full/checkpoints/experience_0.ckpt")
+    momentum = next(iter(resumed._optimizer.state.values()))["momentum_buffer"]
+    assert momentum.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items()
+    ):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.accuracy.compute(), resumed.accuracy.compute())
+
+
 def test_checkpoint_holds_the_loop_state(tmp_path):
     _tiny_run(tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "experience_1.ckpt", weights_only=False)

@@ -177,7 +177,8 @@ class ForgettingLayerCallback(ContinualPlugin):
             layer.forget_batch()
 
     def _gate_sample(self, pl_module: ContinualModule) -> dict[str, Tensor]:
-        batches = pl_module.batches(max_samples=GATE_SAMPLES, batch_size=GATE_SAMPLES)
+        # the same samples on every rank, whatever the number of processes
+        batches = pl_module.batches(GATE_SAMPLES, batch_size=GATE_SAMPLES, every_rank=True)
         with closing(per_sample(pl_module.model, batches, "gate")) as gates:
             first = next(gates, {})
         return {key: value.cpu() for key, value in first.items()}

@@ -45,6 +45,9 @@ for config in configs:
             },
             "matrix": result.accuracy_matrix,
             "acc": result.metrics["acc"],
+            "gates": {
+                p.name: p.state_dict()["gate_states"] for p in plugins if p.name == "forgetting"
+            },
         },
         out / config / f"rank{rank}.pt",
     )
