@@ -47,7 +47,9 @@ class ANPyC(QuadraticPenalty):
     are zero and free again for the next experience; the rest of the pool is kept from then on
     and never pruned. Output heads are not pruned. Pruning changes the weights when the
     experience ends, so list ANPyC before other plugins: hooks run in list order, and the
-    others should consolidate the pruned network.
+    others should consolidate the pruned network. The retraining is a loop of its own, on
+    batches of ``batch_size``: gradients are averaged over DDP processes, but the trainer's
+    gradient clipping, accumulation and autocast do not apply to it.
     """
 
     name = "anpyc"
