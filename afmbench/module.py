@@ -236,7 +236,9 @@ class ContinualModule(LightningModule):
         Lightning divides each batch's loss by ``accumulate_grad_batches``, also in an epoch's
         last, partial window of m batches, where the loss then weighs m / k: the closed-form
         gradients get the same weight, as the penalties would inside the loss."""
-        weight = self._batches_in_step / self.trainer.accumulate_grad_batches
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        # no batch counted: called outside training_step's loop, as one whole step
+        weight = self._batches_in_step / accumulate if self._batches_in_step else 1.0
         self._forget_penalty_grads()
         plugins = self._closed_form_plugins()
         if not plugins:
