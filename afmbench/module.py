@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -157,9 +158,11 @@ class ContinualModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, task_loss, terms = self.loss(batch, closed_form=True)
-        if not torch.isfinite(loss):
+        if not self._finite_everywhere(loss):
+            value = loss.item()
+            where = "non-finite on another process" if math.isfinite(value) else value
             raise DivergenceError(
-                f"loss became {loss.item()} in experience {self.experience + 1}/{self.n_experiences} "
+                f"loss became {where} in experience {self.experience + 1}/{self.n_experiences} "
                 f"(epoch {self.current_epoch}, step {batch_idx})",
                 "lower optimizer.lr or the strategy's strength; results so far are kept",
             )
@@ -178,6 +181,16 @@ class ContinualModule(LightningModule):
             for name, term in {**terms, **closed}.items():
                 self.log(f"train/penalty/{name}", term)
         return loss
+
+    def _finite_everywhere(self, loss: Tensor) -> bool:
+        """Whether ``loss`` is finite on every process: a rank that stopped alone would leave
+        the others waiting in the gradients' all-reduce (one small all-reduce a step, DDP only)."""
+        finite = torch.isfinite(loss.detach())
+        if self._trainer is None or self.trainer.world_size == 1:
+            return bool(finite)
+        flag = finite.to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     @property
     def graph_penalty_grads(self) -> dict[str, Tensor]:

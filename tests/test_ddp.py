@@ -94,3 +94,20 @@ def test_a_resumed_ddp_run_equals_the_uninterrupted_one(tmp_path):
     )
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["bwt"] == full["bwt"] and resumed["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_loss_that_diverges_on_one_process_stops_them_all(tmp_path):
+    """A rank that raised alone left the others in the gradients' all-reduce: under gloo rank 0
+    then failed with "Connection closed by peer", which the run recorded as its error; NCCL
+    waits for its timeout. Every rank now stops at that step and the run records why."""
+    import json
+
+    script = REPO / "tests" / "scripts" / "ddp_nan.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "loss became non-finite on another process in experience 2/2" in proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["experiences_done"] == 1
+    assert metrics["error"].startswith("loss became non-finite on another process")
