@@ -340,9 +340,7 @@ def _runs_plain_ddp(trainer_kwargs: dict[str, Any]) -> bool:
         return False  # one process: nothing to ask Lightning
     from lightning.pytorch.strategies import DDPStrategy
 
-    with _LightningChatter(verbose=False):
-        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-        chosen = Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs}).strategy
+    chosen = _bare_trainer(trainer_kwargs).strategy
     if type(chosen) is not DDPStrategy:
         return False
     method = getattr(chosen, "_start_method", "popen")
@@ -363,15 +361,20 @@ def check_trainer_options(trainer_kwargs: dict[str, Any]) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
-        with _LightningChatter(verbose=False):
-            quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-            Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs})
+        _bare_trainer(trainer_kwargs)
     except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
         raise ConfigError(
             f"the trainer options do not work here: {first_line(error).rstrip(' .!')}",
             "change or remove the trainer option it names "
             "(trainer.accelerator=cpu where there is no GPU)",
         ) from None
+
+
+def _bare_trainer(trainer_kwargs: dict[str, Any]) -> Trainer:
+    """A silent Trainer of these options, writing nothing: what Lightning makes of them."""
+    with _LightningChatter(verbose=False):
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        return Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs})
 
 
 def default_record(

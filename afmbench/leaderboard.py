@@ -339,12 +339,11 @@ def distinct_labels(groups: Sequence[Group]) -> dict[str, str]:
 
 
 def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:
-    """Log the leaderboard table to W&B as its own run (offline unless ``mode`` says online)."""
+    """Log the leaderboard table to W&B as its own run; ``mode`` as ``loggers.wandb_mode``
+    resolved it (offline unless online can work)."""
     import wandb
 
-    from afmbench.loggers import wandb_mode
-
-    run = wandb.init(project=project, job_type="leaderboard", mode=wandb_mode(mode))
+    run = wandb.init(project=project, job_type="leaderboard", mode=mode)
     run.log({"leaderboard": wandb.Table(columns=list(HEADERS), data=table_rows(groups))})
     run.finish()
 

@@ -228,14 +228,15 @@ class ContinualModule(LightningModule):
             for n, g in zip(params, flat.split([p.numel() for p in params.values()]))
         }
 
-    def _forget_penalty_grads(self) -> None:
+    def _start_step(self) -> None:
+        """A new optimizer step: no batch and no graph penalty's gradient counted yet."""
         self._penalty_grads, self._penalty_grads_synced = {}, None
         self._batches_in_step = 0
 
     def on_train_epoch_start(self) -> None:
         # after the callbacks' epoch start, where e.g. a fine-tuning callback may (un)freeze
         self._epoch_params = named_parameters(self.model)
-        self._forget_penalty_grads()
+        self._start_step()
 
     def on_train_epoch_end(self) -> None:
         self._epoch_params = None
@@ -252,7 +253,7 @@ class ContinualModule(LightningModule):
         accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
         # no batch counted: called outside training_step's loop, as one whole step
         weight = self._batches_in_step / accumulate if self._batches_in_step else 1.0
-        self._forget_penalty_grads()
+        self._start_step()
         plugins = self._closed_form_plugins()
         if not plugins:
             return
