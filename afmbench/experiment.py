@@ -377,6 +377,13 @@ def _bare_trainer(trainer_kwargs: dict[str, Any]) -> Trainer:
         return Trainer(**{**quiet, "enable_model_summary": False, **trainer_kwargs})
 
 
+def strategy_label(plugins: Sequence[ContinualPlugin], joint: bool) -> str:
+    """The strategy a run records: ``joint``, else its strategies' names joined by ``+``
+    (``ewc+si``; the forgetting layer is recorded apart), or ``naive`` when there are none."""
+    names = [p.name for p in plugins if not getattr(p, "is_forgetting_layer", False)]
+    return "joint" if joint else "+".join(names) or "naive"
+
+
 def default_record(
     scenario: Scenario,
     model: ContinualModel,
@@ -392,8 +399,6 @@ def default_record(
     (not the seed, nor where it runs). Runs that share it are one configuration on the
     leaderboard, and a resumed run must match it.
     """
-    names = [p.name for p in plugins if not getattr(p, "is_forgetting_layer", False)]
-    strategy = "joint" if joint else "+".join(names) or "naive"
     optimizer, batch_size, trainer_kwargs = settings
     placement = {k.split(".", 1)[1] for k in NON_IDENTITY_KEYS if k.startswith("trainer.")}
     ident = {  # the scenario's seed varies with the run's, as scenario.seed=${seed} in the CLI
@@ -408,7 +413,7 @@ def default_record(
     return {
         "scenario": scenario.name,
         "protocol": scenario.protocol,
-        "strategy": strategy,
+        "strategy": strategy_label(plugins, joint),
         "forgetting_layer": any(getattr(p, "is_forgetting_layer", False) for p in plugins),
         "seed": seed,
         "config_hash": hashlib.sha256(repr(ident).encode()).hexdigest()[:12],

@@ -28,7 +28,13 @@ from afmbench.config import (
     to_plain,
 )
 from afmbench.errors import ConfigError
-from afmbench.experiment import RunResult, check_loop_options, check_trainer_options, run
+from afmbench.experiment import (
+    RunResult,
+    check_loop_options,
+    check_trainer_options,
+    run,
+    strategy_label,
+)
 from afmbench.leaderboard import check_db, default_db
 from afmbench.loggers import make_logger, requested_wandb_mode
 from afmbench.models import MODELS, build_model
@@ -61,14 +67,6 @@ class Plan:
     resume: bool | str
     leaderboard: Path | None
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def stacked_name(strategy_name: str, strategies: list) -> str:
-    """The strategy a run records: ``joint``, else its strategies' names joined by ``+``
-    (``naive`` when there are none)."""
-    if strategy_name == "joint":
-        return strategy_name
-    return "+".join(p.name for p in strategies) or strategy_name
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -126,8 +124,7 @@ def plan(cfg: DictConfig) -> Plan:
     record = {
         "scenario": scenario_name,
         "protocol": scenario.get("protocol", _default(scenario_builder(scenario_name), "protocol")),
-        # stacked strategies by name, as a Python run records them: "ewc+si"
-        "strategy": stacked_name(strategy_name, [p for p in plugins if p is not forgetting]),
+        "strategy": strategy_label(plugins, strategy_name == "joint"),  # as a Python run's
         "forgetting_layer": forgetting is not None,
         "seed": seed,
         "model": model_name,
