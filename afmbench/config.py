@@ -12,9 +12,7 @@ import collections.abc
 import copy
 import difflib
 import functools
-import hashlib
 import inspect
-import json
 import numbers
 import types
 import typing
@@ -30,8 +28,8 @@ from afmbench.errors import ConfigError
 
 CONFIG_NAME = "config"
 
-# Keys that do not change what a run computes; left out of the config hash so that runs
-# differing only in them (and in the seed) are grouped together on the leaderboard.
+# Keys that do not change what a run computes: a resume may change them (the run's identity,
+# afmbench.identity, leaves them out too).
 NON_IDENTITY_KEYS = (
     "hydra",
     "run_dir",
@@ -48,26 +46,14 @@ NON_IDENTITY_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.accelerator",
     "trainer.strategy",
+    "trainer.log_every_n_steps",
+    "trainer.enable_model_summary",
 )
 
 
 def config_dir() -> str:
     """Absolute path of the packaged ``configs/`` folder (Hydra's config search path)."""
     return str(files("afmbench.configs"))
-
-
-def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose the CLI's configuration in Python, exactly as ``afmbench run`` would; an
-    unknown group choice or key is the command line's one-line :class:`ConfigError`."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
-    except Exception as exc:  # Hydra's composition errors, explained once Hydra is closed
-        from afmbench.cli import explain_hydra_error
-
-        raise explain_hydra_error(exc, list(overrides)) from exc
 
 
 @dataclass(frozen=True)
@@ -106,10 +92,7 @@ class DataConfig:
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "data")
-        for key in ("batch_size", "eval_batch_size"):
-            value = getattr(self, key)
-            require(value >= 1, f"data.{key}={value} must be at least 1", f"e.g. data.{key}=64")
+        coerce_fields(self, "data")  # sizes are checked with the loop's (check_loop_options)
 
 
 def coerce_fields(config: Any, where: str) -> None:
@@ -173,9 +156,15 @@ def check_params(
     return kwargs
 
 
-def typed_arguments(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+def typed_arguments(
+    fn: Callable[..., Any], where: str, remember: str | None = None
+) -> Callable[..., Any]:
     """``fn`` with its named arguments coerced to their type hints first, so that a call from
-    Python gets the command line's one-line errors (``where.key must be a number, ...``)."""
+    Python gets the command line's one-line errors (``where.key must be a number, ...``).
+
+    With ``remember``, a method records its coerced arguments (defaults filled in) on its
+    object under that attribute name, once: the outermost constructor of a class chain wins.
+    """
     signature = inspect.signature(fn)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     hints: dict[str, Any] | None = None
@@ -195,6 +184,12 @@ def typed_arguments(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
                 bound.arguments[name] = coerce(
                     value, hints[name], f"{where}.{name}", parameter.default
                 )
+        if remember is not None and args and remember not in vars(args[0]):
+            full = copy.copy(bound)
+            full.apply_defaults()
+            given = dict(full.arguments)
+            given.pop(next(iter(signature.parameters)))  # self
+            vars(args[0])[remember] = given
         return fn(*bound.args, **bound.kwargs)
 
     return checked
@@ -297,8 +292,8 @@ def as_override(value: Any) -> str:
     return str(value)
 
 
-def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Everything that changes what a run computes (not its seed, paths or logging)."""
+def _identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration without the keys that do not change what a run computes."""
     plain = copy.deepcopy(to_plain(cfg))
     for dotted in NON_IDENTITY_KEYS:
         *parents, leaf = dotted.split(".")
@@ -310,17 +305,11 @@ def identity(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """Hash of the configuration's :func:`identity`."""
-    plain = identity(cfg)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def identity_differences(
     before: DictConfig | Mapping[str, Any], now: DictConfig | Mapping[str, Any]
 ) -> list[tuple[str, Any, Any]]:
     """``(dotted key, value before, value now)`` wherever the two identities differ."""
-    old, new = _flat(identity(before)), _flat(identity(now))
+    old, new = _flat(_identity(before)), _flat(_identity(now))
     keys = sorted(old.keys() | new.keys())
     return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
 

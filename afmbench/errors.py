@@ -1,10 +1,12 @@
 """Errors a user can fix, each carrying one line that names the problem and the fix.
 
-The CLI prints ``afmbench: error: <message>`` for these and exits with ``exit_code``; anything
-else is a bug and keeps its traceback.
+The CLI (``afmbench/cli.py``, the one place that does so) prints ``afmbench: error: <message>``
+for these and exits with ``exit_code``; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import warnings
 
 
 def first_line(exc: BaseException) -> str:
@@ -27,6 +29,10 @@ class AfmbenchError(Exception):
 
 class ConfigError(AfmbenchError):
     """An unknown name, a wrong type or an out-of-range value in the configuration."""
+
+
+class FolderInUseError(ConfigError):
+    """Another live process holds the run folder (a run or resume into it is under way)."""
 
 
 class DataNotFoundError(AfmbenchError):
@@ -54,6 +60,29 @@ class DivergenceError(AfmbenchError):
     exit_code = 3
 
 
+class SweepFailed(AfmbenchError):
+    """Some jobs of a sweep failed; the others ran to the end."""
+
+    exit_code = 1
+
+
 class AfmbenchWarning(UserWarning):
     """Something the user should know that does not stop the run (a task that learned
     nothing, W&B falling back to offline). The CLI prints it as ``afmbench: warning: ...``."""
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """afmbench's own warnings as one line in the style of its errors; others as Python's
+    (install with ``warnings.formatwarning = format_warning``)."""
+    if issubclass(category, AfmbenchWarning):
+        return f"afmbench: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)

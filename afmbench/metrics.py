@@ -96,3 +96,41 @@ def summarize(matrix: np.ndarray, baseline: np.ndarray | None = None) -> dict[st
             b = np.asarray(baseline, dtype=float)
             result["fwt"] = float(np.mean([R[j - 1, j] - b[j] for j in range(1, n_tasks)]))
     return result
+
+
+def row_labels(n_rows: int, joint: bool) -> list[str]:
+    """Names of the accuracy matrix's rows: the experience just trained, or ``joint``."""
+    return ["joint"] if joint else [f"experience_{i}" for i in range(n_rows)]
+
+
+def format_report(matrix: np.ndarray, metrics: dict[str, Any]) -> str:
+    """The accuracy matrix and the headline metrics as a plain-text table."""
+    head = "after \\ task " + " ".join(f"{j:>6d}" for j in range(matrix.shape[1]))
+    lines = ["Accuracy matrix R[i, j] (test accuracy on task j after training experience i)", head]
+    labels = row_labels(len(matrix), metrics.get("strategy") == "joint")
+    for label, row in zip(labels, matrix):
+        lines.append(
+            f"{label.replace('experience_', 'exp '):>12s} " + " ".join(f"{v:6.3f}" for v in row)
+        )
+    lines.append("")
+    rows = [
+        ("ACC", metrics.get("acc")),
+        ("BWT", metrics.get("bwt")),
+        ("FWT", metrics.get("fwt")),
+        ("forgetting", metrics.get("forgetting")),
+        ("train time (s)", metrics.get("train_time_s")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines.append(f"{'metric':<{width}}  value")
+    for key, value in rows:
+        shown = (
+            "n/a"
+            if value is None
+            else f"{value:.4f}"
+            if key != "train time (s)"
+            else f"{value:.1f}"
+        )
+        lines.append(f"{key:<{width}}  {shown}")
+    curve = metrics.get("avg_acc_per_task") or []
+    lines.append(f"{'avg acc per task':<{width}}  " + " ".join(f"{v:.3f}" for v in curve))
+    return "\n".join(lines)

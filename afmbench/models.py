@@ -8,6 +8,7 @@ per-layer statistics (sparsity, neuron importance) are read.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -209,6 +210,10 @@ def build_model(
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'", f"use one of {', '.join(MODELS)}")
     builder = MODELS[name]
-    return builder(
-        tuple(input_shape), tuple(head_sizes), **check_params(params, builder, "model", skip=())
-    )
+    kwargs = check_params(params, builder, "model", skip=())
+    model = builder(tuple(input_shape), tuple(head_sizes), **kwargs)
+    chosen = inspect.signature(builder).bind(tuple(input_shape), tuple(head_sizes), **kwargs)
+    chosen.apply_defaults()
+    shape = ("input_shape", "head_sizes")  # the scenario's, part of its own identity
+    model.spec = {"name": name, **{k: v for k, v in chosen.arguments.items() if k not in shape}}
+    return model

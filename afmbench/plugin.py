@@ -41,7 +41,8 @@ class ContinualPlugin(Callback):
 
     A subclass's constructor arguments are checked against its type hints before its
     ``__init__`` runs (``EWC(lambda_="big")`` is a one-line :class:`ConfigError`, as on the
-    command line); :attr:`config_group` names them in the message.
+    command line); :attr:`config_group` names them in the message. They are also recorded:
+    with the class, they are the plugin's :meth:`identity` in a run's config hash.
     """
 
     #: Where the constructor's arguments live in the CLI's configuration.
@@ -63,7 +64,9 @@ class ContinualPlugin(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = typed_arguments(cls.__dict__["__init__"], cls.config_group)
+            cls.__init__ = typed_arguments(
+                cls.__dict__["__init__"], cls.config_group, remember="_init_args"
+            )
 
     def prepare(self, model: ContinualModel) -> None:
         """Change ``model``'s structure before an optimizer or a checkpoint sees it (idempotent)."""
@@ -81,6 +84,16 @@ class ContinualPlugin(Callback):
     def importance(self) -> dict[str, Tensor]:
         """Current importance per parameter name (empty if the plugin keeps none)."""
         return {}
+
+    def identity(self) -> dict[str, Any]:
+        """What makes this plugin compute what it does: its class, name and constructor
+        arguments (defaults filled in), as recorded when it was built."""
+        cls = type(self)
+        return {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "name": self.name,
+            "args": dict(getattr(self, "_init_args", {})),
+        }
 
     @property
     def state_key(self) -> str:

@@ -1,48 +1,42 @@
-"""From a composed configuration to a finished run: the CLI's path into :func:`experiment.run`.
+"""From a composed configuration to a finished run: the command line's path into
+:func:`afmbench.api.start`.
 
 :func:`plan` checks the whole configuration and builds every object that needs no data
 (plugins, optimizer and trainer settings), so a bad value fails in a second, before data is
-touched. :func:`execute` then builds the scenario and the model and runs.
+touched. :func:`execute` then builds the scenario and the model and runs. A strategy's YAML
+names the class it builds (``_target_``); no registry lists them.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+import importlib
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning
+import torch
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from afmbench.checkpoint import check_same_config, find_checkpoint, load_checkpoint, run_folder_of
-from afmbench.config import (
-    DataConfig,
-    OptimizerConfig,
-    check_params,
-    config_hash,
-    identity_differences,
-    require,
-    save_config,
-    to_plain,
-)
+from afmbench import probes
+from afmbench.api import check_plugin_names, start
+from afmbench.checkpoint import load_model_weights
+from afmbench.config import DataConfig, OptimizerConfig, check_params, require, to_plain
 from afmbench.errors import ConfigError
-from afmbench.experiment import (
-    RunResult,
-    check_loop_options,
-    check_trainer_options,
-    run,
-    strategy_label,
-)
 from afmbench.leaderboard import check_db, default_db
 from afmbench.loggers import make_logger, requested_wandb_mode
+from afmbench.loop import LoopSettings
 from afmbench.models import MODELS, build_model
 from afmbench.plugin import ContinualPlugin
-from afmbench.results import check_new_run_dir, prepare_run_dir
+from afmbench.resume import find_checkpoint
+from afmbench.run_record import RunResult
 from afmbench.scenarios import build_scenario, scenario_builder
+from afmbench.scenarios.base import Scenario, Split
 from afmbench.scenarios.cache import check_only
-from afmbench.strategies import strategy_class
+from afmbench.trainers import check_loop_options, check_trainer_options
 
 TOP_LEVEL_KEYS = {
     "scenario", "model", "strategy", "forgetting", "trainer", "logger", "seed", "run_dir",
@@ -66,7 +60,7 @@ class Plan:
     keep_checkpoints: bool
     resume: bool | str
     leaderboard: Path | None
-    record: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any]
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -94,16 +88,17 @@ def plan(cfg: DictConfig) -> Plan:
 
     strategy_name = str(cfg.strategy.name)
     plugins = []
-    main = build_plugin(strategy_name, cfg.strategy, "strategy")
+    main = build_plugin(cfg.strategy, "strategy")
     if main is not None:
         plugins.append(main)
     for name, node in (cfg.get("extra_strategies") or {}).items():
-        extra = build_plugin(str(node.get("name", name)), node, f"extra_strategies.{name}")
+        extra = build_plugin(node, f"extra_strategies.{name}")
         if extra is not None:
             plugins.append(extra)
     forgetting = build_forgetting(cfg.forgetting)
     if forgetting is not None:
         plugins.append(forgetting)
+    check_plugin_names(plugins)
 
     optimizer = OptimizerConfig(
         **check_params(cfg.optimizer, OptimizerConfig, "optimizer", skip=())
@@ -121,16 +116,6 @@ def plan(cfg: DictConfig) -> Plan:
     )
     if leaderboard is not None:
         check_db(leaderboard)  # a sweep learns it before its first job, not after each one
-    record = {
-        "scenario": scenario_name,
-        "protocol": scenario.get("protocol", _default(scenario_builder(scenario_name), "protocol")),
-        "strategy": strategy_label(plugins, strategy_name == "joint"),  # as a Python run's
-        "forgetting_layer": forgetting is not None,
-        "seed": seed,
-        "model": model_name,
-        "config_hash": config_hash(cfg),
-        "config": to_plain(cfg),
-    }
     return Plan(
         scenario={"name": scenario_name, **scenario},
         model={"name": model_name, **model},
@@ -144,17 +129,41 @@ def plan(cfg: DictConfig) -> Plan:
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
         resume=cfg.resume,
         leaderboard=leaderboard,
-        record=record,
+        config=to_plain(cfg),
     )
 
 
-def build_plugin(name: str, node: DictConfig, where: str) -> ContinualPlugin | None:
-    """The strategy plugin ``name`` configured from ``node`` (None for naive and joint)."""
-    cls = strategy_class(name)
-    if cls is None:
-        check_params(node, lambda: None, where, skip=("name",))
+def build_plugin(node: DictConfig, where: str) -> ContinualPlugin | None:
+    """The plugin that ``node``'s ``_target_`` names, built from the node's other keys (None
+    for a strategy without one: naive and joint)."""
+    target = node.get("_target_")
+    if target is None:
+        check_params(node, lambda: None, where, skip=("name", "_target_"))
         return None
-    return cls(**check_params(node, cls, where, skip=("name",)))
+    cls = plugin_class(str(target), where)
+    return cls(**check_params(node, cls, where, skip=("name", "_target_")))
+
+
+def plugin_class(target: str, where: str) -> type[ContinualPlugin]:
+    """The class a ``_target_`` names (``package.module.Class``), importable from the current
+    folder too, as a user's own strategy module usually is."""
+    module_name, _, class_name = target.rpartition(".")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}._target_={target} cannot be imported ({type(exc).__name__}: {exc})",
+            "name a class as package.module.Class, in a module importable from the current "
+            "folder or PYTHONPATH",
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, ContinualPlugin)):
+        raise ConfigError(
+            f"{where}._target_={target} is not a ContinualPlugin subclass",
+            "subclass afmbench.ContinualPlugin (see afmbench/plugin.py)",
+        )
+    return cls
 
 
 def build_forgetting(node: DictConfig) -> ContinualPlugin | None:
@@ -174,50 +183,51 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     ``group`` names the W&B group when the config leaves it open (a sweep's runs share one).
     """
     p = plan(cfg)
-    check_trainer_options(p.trainer)
-    if not p.resume:
-        check_new_run_dir(run_dir)
-    folder = prepare_run_dir(run_dir)
-    if p.resume:  # check before anything in the interrupted run's folder is overwritten
-        checkpoint = find_checkpoint(p.resume, folder)
-        state = load_checkpoint(checkpoint, mmap=True)["afmbench"]  # the run loads it in full
-        changes = changes_since(run_folder_of(checkpoint), cfg)
-        check_same_config(state, checkpoint, p.record["config_hash"], changes)
-    save_config(cfg, folder / "config.yaml")
+    check_trainer_options(p.trainer)  # on the machine the job runs on
     seed_everything(p.seed, verbose=False)
     scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
     seed_everything(p.seed, verbose=False)
     model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
-    return run(
-        scenario,
+    settings = LoopSettings(
+        p.joint, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer, verbose=True
+    )
+    return start(
+        scenario, model, p.plugins, settings, p.optimizer, run_dir,
+        lambda folder: make_logger(p.logger, folder, group),
+        resume=p.resume, leaderboard=p.leaderboard, keep_checkpoints=p.keep_checkpoints,
+        config=p.config,
+    )  # fmt: skip
+
+
+def load_run(
+    run_dir: str | Path, max_samples: int | None = 10_000, seed: int = 0
+) -> probes.Subject:
+    """The model of a finished (or interrupted) run at its latest checkpoint, with test data of
+    the experiences trained so far and their training data (for importance), each subsampled
+    to ``max_samples``."""
+    folder = Path(run_dir)
+    config = folder / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(
+            f"{folder} has no config.yaml", "pass the folder of a run made by `afmbench run`"
+        )
+    checkpoint = find_checkpoint(
+        True, folder, "probe a run that finished at least one experience (its weights are there)"
+    )
+    p = plan(OmegaConf.load(config))
+    scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
+    model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
+    for plugin in p.plugins:  # the run's structure: the forgetting layer's gates, if it had them
+        plugin.prepare(model)
+    step = load_model_weights(model, checkpoint)["step"]
+    seen = scenario.n_experiences if p.joint else step + 1
+    return probes.Subject(
         model,
-        p.plugins,
-        joint=p.joint,
-        max_epochs=p.trainer.pop("max_epochs", 1),
-        batch_size=p.data.batch_size,
-        eval_batch_size=p.data.eval_batch_size,
-        optimizer=p.optimizer,
-        seed=p.seed,
-        run_dir=folder,
-        trainer_kwargs=p.trainer,
-        logger=make_logger(p.logger, folder, group),
-        record=p.record,
-        keep_checkpoints=p.keep_checkpoints,
-        resume=p.resume,
-        leaderboard=p.leaderboard,
+        test=probes.subset(_concat(scenario, "test", seen), max_samples, seed),
+        train=probes.subset(_concat(scenario, "train", seen), max_samples, seed),
     )
 
 
-def changes_since(folder: Path, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
-    """What ``cfg`` changes in the identity of the run recorded in ``folder/config.yaml``
-    (nothing known if the file is gone)."""
-    saved = folder / "config.yaml"
-    if not saved.is_file():
-        return []
-    from omegaconf import OmegaConf
-
-    return identity_differences(OmegaConf.load(saved), cfg)
-
-
-def _default(fn, key: str) -> Any:
-    return inspect.signature(fn).parameters[key].default
+def _concat(scenario: Scenario, which: str, n: int) -> Split:
+    parts = [getattr(scenario, which)(e) for e in range(n)]
+    return tuple(torch.cat(column) for column in zip(*parts))

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from afmbench.api import run
 from afmbench.config import OptimizerConfig
-from afmbench.experiment import run
 from afmbench.forgetting import ForgettingLayerCallback, sites
-from afmbench.forgetting.probes import Subject, run_probes, sparsity
 from afmbench.models import build_model
 from afmbench.plugin import ContinualPlugin
+from afmbench.probes import Subject, run_probes, sparsity
 from afmbench.scenarios import Scenario, build_scenario
 
 HIDDEN = (256, 256, 128)

@@ -39,6 +39,7 @@ import os
 import platform
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,12 +56,12 @@ from generated import write_block
 from lightning.pytorch import seed_everything
 
 import afmbench
-from afmbench.experiment import experience_seed
 from afmbench.forgetting import ForgettingLayerCallback
 from afmbench.forgetting.callback import SPARSITY_SAMPLES
 from afmbench.forgetting.importance import neuron_importance, unit_means
 from afmbench.forgetting.layer import attach, inhibition_loss, lateral_inhibition_loss
 from afmbench.loader import TensorLoader
+from afmbench.loop import experience_seed
 from afmbench.persample import per_sample_grad_sums
 from afmbench.plugin import ContinualPlugin
 from afmbench.strategies import EWC, MAS, SI, ANPyC
@@ -641,44 +642,61 @@ def _report(rows: list[Row], options, limit: int | None) -> str:
     by_name = {r.name: r for r in rows}
     naive = by_name.get("naive")
     lines = [
-        "# Speed",
+        "## Speed" + (" on a GPU" if options.device == "cuda" else ""),
         "",
-        f"Permuted MNIST, {TASKS} tasks x 1 epoch, {samples} training samples per task, "
-        f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, SGD lr {LR} momentum "
-        f"{MOMENTUM}; evaluation on every test set after every task. Seconds are wall time "
-        "end to end (afmbench: including its run folder, checkpoints and importance passes)"
-        + (
-            f"; {options.repeat} rounds over all cells from training seeds "
-            f"{options.seed}-{options.seed + options.repeat - 1}: seconds are each cell's "
-            "median run, ratios the median of the ratios within a round, ACC the mean."
-            if options.repeat > 1
-            else "."
+        _wrap(
+            f"Permuted MNIST, {TASKS} tasks x 1 epoch, {samples} training samples per task, "
+            f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, SGD lr {LR} momentum "
+            f"{MOMENTUM}; evaluation on every test set after every task. Seconds are wall time "
+            "end to end (afmbench: including its run folder, checkpoints and importance passes)"
+            + (
+                f"; {options.repeat} rounds over all cells from training seeds "
+                f"{options.seed}-{options.seed + options.repeat - 1}: seconds are each cell's "
+                "median run, ratios the median of the ratios within a round, ACC the mean."
+                if options.repeat > 1
+                else "."
+            )
         ),
         "",
         f"Machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{where}. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`",
         "",
         "| strategy | afmbench s | plain loop s | Avalanche s | afmbench / plain "
-        "| Avalanche / afmbench | ACC afmbench | ACC plain | ACC Avalanche "
-        "| time over naive (afmbench / plain) "
-        f"| importance pass / epoch | plugin state MB after each task | {memory} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Avalanche / afmbench | time over naive (afmbench / plain) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    costs = [
+        "",
+        "| strategy | ACC afmbench | ACC plain | ACC Avalanche | importance pass / epoch "
+        f"| plugin state MB after each task | {memory} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a, b, c = r.a, r.b, r.c
         over = " / ".join(f"{x:+.0%}" for x in r.over(naive)) if naive and r is not naive else "-"
-        cells = [
+        times = [
             r.name, f"{a.seconds:.1f}", f"{b.seconds:.1f}", f"{c.seconds:.1f}" if c else "-",
-            f"{r.vs_plain:.2f}", f"{r.vs_avalanche:.1f}" if c else "-",
-            f"{a.acc:.4f}", f"{b.acc:.4f}", f"{c.acc:.4f}" if c else "-", over,
+            f"{r.vs_plain:.2f}", f"{r.vs_avalanche:.1f}" if c else "-", over,
+        ]  # fmt: skip
+        accuracy = [
+            r.name, f"{a.acc:.4f}", f"{b.acc:.4f}", f"{c.acc:.4f}" if c else "-",
             f"{r.pass_share:.2f}",
             " / ".join(f"{m:.1f}" for m in a.state_mb),
             " / ".join(f"{m:.0f}" for m in a.memory_mb),
         ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Targets (issue 7):", ""]
-    lines += _targets(rows, by_name)
+        lines.append("| " + " | ".join(times) + " |")
+        costs.append("| " + " | ".join(accuracy) + " |")
+    lines += costs
+    lines += ["", "Targets:", ""]
+    lines += [_wrap(target, indent="  ") for target in _targets(rows, by_name)]
     return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    """``text`` in lines of at most 100 characters (continuation lines indented by ``indent``)."""
+    return textwrap.fill(
+        text, 100, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _command(options) -> str:

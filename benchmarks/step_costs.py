@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,13 +96,16 @@ def _report(times: dict[str, list[float]], options) -> str:
     command = "python benchmarks/step_costs.py"
     command += f" --rounds {options.rounds}" if options.rounds != 7 else ""
     command += f" --steps {options.steps}" if options.steps != 300 else ""
-    lines = [
-        "# What a step's arithmetic costs, without a framework",
-        "",
+    description = (
         f"One step of the speed benchmark's plain loop (MLP 784-{'-'.join(map(str, HIDDEN))}-10, "
         f"batch {BATCH}, SGD with momentum) on a fixed batch; {options.steps} steps per variant, "
         f"{options.rounds} interleaved rounds; ms are medians, costs the median of the ratios "
-        "within a round.",
+        "within a round."
+    )
+    lines = [
+        "## What a step's arithmetic costs, without a framework",
+        "",
+        textwrap.fill(description, 100, break_long_words=False, break_on_hyphens=False),
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU. "

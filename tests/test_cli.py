@@ -1,11 +1,12 @@
 """The ``afmbench`` command end to end, and bad input: one clear line and a non-zero exit."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from afmbench.cli import main
-from afmbench.strategies import STRATEGIES
+from afmbench.config import config_dir
 from tests.conftest import REPO, run_cli
 
 QUIET = "trainer.enable_progress_bar=false"
@@ -148,7 +149,8 @@ def test_bad_input_through_the_real_command(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "afmbench: error: unknown strategy 'magic'; fix: use one of "
-        + ", ".join(sorted(STRATEGIES))
+        + ", ".join(sorted(p.stem for p in (Path(config_dir()) / "strategy").glob("*.yaml")))
+        + "; a strategy of your own: --config-dir DIR with DIR/strategy/<name>.yaml"
     ]
 
 

@@ -226,7 +226,7 @@ def test_penalty_switches_and_state_roundtrip():
     ],
 )
 def test_cli_presets_build_the_callback(preset, mode, irs):
-    from afmbench.config import load_config
+    from afmbench.compose import load_config
     from afmbench.runner import plan
 
     plugins = plan(load_config([f"forgetting={preset}", "forgetting.rho=2"])).plugins

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from afmbench.api import run
 from afmbench.checkpoint import load_model_weights
 from afmbench.config import OptimizerConfig
-from afmbench.experiment import run
 from afmbench.forgetting import ForgettingLayerCallback, sites
 from afmbench.forgetting.importance import per_sample
-from afmbench.forgetting.probes import Subject, ablation_curves
 from afmbench.loader import TensorLoader
 from afmbench.models import build_model
+from afmbench.probes import Subject, ablation_curves
 from afmbench.scenarios import build_scenario
 from tests.test_forgetting_layer import one_thread  # noqa: F401 (autouse fixture)
 
@@ -74,12 +74,12 @@ def test_removing_important_units_hurts_more(trained):
 
 @pytest.mark.parametrize("strategy", ["naive", "ewc", "si", "mas", "anpyc"])
 def test_composes_with_strategies_and_checkpoints_reload(tmp_path, strategy):
-    from afmbench.strategies import strategy_class
+    from afmbench.strategies import EWC, MAS, SI, ANPyC
 
     scenario = build_scenario("split_digits", n_experiences=2, protocol="task")
     torch.manual_seed(0)
     model = build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=(32,))
-    plugin = strategy_class(strategy)
+    plugin = {"naive": None, "ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC}[strategy]
     forgetting = ForgettingLayerCallback(rho=2.0)
     plugins = ([plugin()] if plugin else []) + [forgetting]
     result = run(

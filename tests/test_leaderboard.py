@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from afmbench.leaderboard import leaderboard_command, load_groups, record_run, render
+from afmbench.cli import main
+from afmbench.leaderboard import load_groups, record_run, render
 from tests.conftest import REPO
+
+
+def leaderboard_command(args: list[str]) -> int:
+    """``afmbench leaderboard ARGS`` as the command line runs it."""
+    return main(["leaderboard", *args])
 
 
 def _metrics(

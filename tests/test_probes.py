@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from afmbench.cli import main
-from afmbench.forgetting.probes import (
-    PROBES,
-    Subject,
-    load_run,
-    probe_command,
-    run_probes,
-    sparsity_index,
-)
 from afmbench.models import build_model
+from afmbench.probes import PROBES, Subject, run_probes, sparsity_index
+from afmbench.runner import load_run
 from afmbench.scenarios import build_scenario
 from tests.conftest import run_cli
 from tests.test_forgetting_layer import one_thread  # noqa: F401 (autouse fixture)
@@ -98,7 +92,7 @@ def test_probe_command_reports_bad_input(tmp_path, capsys):
     assert main(["probe", str(tmp_path), "--noise", "-1"]) == 2
     assert "--noise > 0" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    assert probe_command([str(tmp_path)]) == 2
+    assert main(["probe", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no checkpoints/experience_*.ckpt" in err and "resume=" not in err
     assert "fix: probe a run that finished at least one experience" in err

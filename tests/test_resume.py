@@ -114,7 +114,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     _tiny_run(tmp_path / "run", keep_checkpoints=True)
     ckpt = tmp_path / "run" / "checkpoints" / "experience_0.ckpt"
     with pytest.raises(CheckpointError, match="different configuration"):
-        _tiny_run(tmp_path / "run", resume=ckpt, record={"config_hash": "something-else"})
+        _tiny_run(tmp_path / "run", resume=ckpt, batch_size=16)
 
 
 def test_resume_from_python_refuses_another_optimizer_or_model(tmp_path):
@@ -233,3 +233,39 @@ def test_an_unexpected_exception_still_records_the_run_as_failed(tmp_path):
     assert metrics["status"] == "failed" and metrics["experiences_done"] == 1
     assert metrics["error"] == "RuntimeError: a bug in a user's plugin"
     assert len(metrics["accuracy_matrix"]) == 1
+
+
+class _CreatesAFile:
+    """An object whose unpickling creates a file: what a malicious checkpoint would carry."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    import torch
+
+    _tiny_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "experience_1.ckpt"
+    assert (
+        torch.load(ckpt, weights_only=True)["afmbench"]["step"] == 1
+    )  # afmbench writes plain data
+    planted = tmp_path / "pwned"
+    state = torch.load(ckpt, weights_only=True)
+    state["afmbench"]["payload"] = _CreatesAFile(planted)
+    torch.save(state, ckpt)
+    import pickle
+
+    pickle.loads(pickle.dumps(_CreatesAFile(tmp_path / "works")))  # the payload is real:
+    assert (tmp_path / "works").exists()  # unpickling it creates its file
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as caught:
+        _tiny_run(tmp_path / "run", resume=True)
+    assert "(io.open)" in str(caught.value)  # the type it refused, named
+    from afmbench.checkpoint import load_model_weights  # what `afmbench probe` reads with
+
+    with pytest.raises(CheckpointError, match="loading it could run code"):
+        load_model_weights(torch.nn.Linear(1, 1), ckpt)
+    assert not planted.exists()

@@ -475,7 +475,7 @@ def test_bad_values_raise_one_config_error(bad) -> None:
 
 
 def test_strategies_build_from_the_cli_config() -> None:
-    from afmbench.config import load_config
+    from afmbench.compose import load_config
     from afmbench.runner import plan
 
     cfg = load_config(["strategy=ewc", "strategy.lambda_=7.5", "strategy.fisher=exact"])

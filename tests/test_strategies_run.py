@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from afmbench.api import run
 from afmbench.config import OptimizerConfig
-from afmbench.experiment import run
 from afmbench.models import mlp
 from afmbench.plugin import ContinualPlugin
 from afmbench.scenarios import Scenario, build_scenario

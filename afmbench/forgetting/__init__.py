@@ -1,9 +1,9 @@
-"""The plug-and-play forgetting layer (AFM paper) as a Lightning callback, and its probes.
+"""The plug-and-play forgetting layer (AFM paper) as a Lightning callback.
 
 - :class:`ForgettingLayer`: per-unit switches after a hidden activation (eqs. 3-5);
 - :class:`ForgettingLayerCallback`: puts them into any model, adds their losses (eqs. 6, 8, 9)
   and estimates neuron and parameter importance (eq. 2) after each experience;
-- :mod:`afmbench.forgetting.probes`: the paper's analyses of a trained model or a finished run.
+- its analyses of a trained model or a finished run are in :mod:`afmbench.probes`.
 """
 
 from afmbench.forgetting.callback import ForgettingLayerCallback

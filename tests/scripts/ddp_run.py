@@ -14,7 +14,9 @@ import torch
 
 import afmbench
 from afmbench.forgetting import ForgettingLayerCallback
-from afmbench.strategies import STRATEGIES
+from afmbench.strategies import EWC, MAS, SI, ANPyC
+
+PLUGINS = {"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC}
 
 out, devices, batch_size, configs = (
     Path(sys.argv[1]),
@@ -28,7 +30,7 @@ for config in configs:
     scenario = afmbench.build_scenario("permuted_digits", n_experiences=3, seed=0)
     afmbench.seed_everything(0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[32, 32])
-    plugins = [STRATEGIES[strategy]()] if STRATEGIES.get(strategy) is not None else []
+    plugins = [PLUGINS[strategy]()] if strategy in PLUGINS else []
     if extra == "fl":
         plugins.append(ForgettingLayerCallback())
     result = afmbench.run(

@@ -22,7 +22,6 @@ repeated ``repeats`` times (mean and std reported) with a fixed seed.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from afmbench.checkpoint import find_checkpoint, load_model_weights
-from afmbench.errors import AfmbenchError, ConfigError
+from afmbench.errors import ConfigError
 from afmbench.forgetting.importance import (
     Normalization,
     evaluating,
@@ -46,8 +44,8 @@ from afmbench.forgetting.importance import (
 from afmbench.forgetting.layer import sites
 from afmbench.loader import TensorLoader
 from afmbench.models import ContinualModel
-from afmbench.results import prepare_run_dir, write_json
-from afmbench.scenarios.base import Scenario, Split
+from afmbench.run_folder import write_json
+from afmbench.scenarios.base import Split
 
 PROBES = ("sparsity", "importance", "ablation", "pruning", "perturbation")
 FRACTIONS = tuple(i / 10 for i in range(11))
@@ -213,7 +211,7 @@ def run_probes(
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Run ``probes`` on ``subject``; write ``<probe>.json`` and ``<probe>.png`` to ``out_dir``."""
-    from afmbench.forgetting.plots import PLOTS
+    from afmbench.probes.plots import PLOTS  # matplotlib, only when drawing
 
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
@@ -243,39 +241,6 @@ def run_probes(
     return results
 
 
-def load_run(run_dir: str | Path, max_samples: int | None = 10_000, seed: int = 0) -> Subject:
-    """The model of a finished (or interrupted) run at its latest checkpoint, with test data of
-    the experiences trained so far and their training data (for importance), each subsampled
-    to ``max_samples``."""
-    from omegaconf import OmegaConf
-
-    from afmbench.models import build_model
-    from afmbench.runner import plan
-    from afmbench.scenarios import build_scenario
-
-    folder = Path(run_dir)
-    config = folder / "config.yaml"
-    if not config.is_file():
-        raise ConfigError(
-            f"{folder} has no config.yaml", "pass the folder of a run made by `afmbench run`"
-        )
-    checkpoint = find_checkpoint(
-        True, folder, "probe a run that finished at least one experience (its weights are there)"
-    )
-    p = plan(OmegaConf.load(config))
-    scenario = build_scenario(**p.scenario, root=p.data.root, cache=p.data.cache)
-    model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
-    for plugin in p.plugins:  # the run's structure: the forgetting layer's gates, if it had them
-        plugin.prepare(model)
-    step = load_model_weights(model, checkpoint)["step"]
-    seen = scenario.n_experiences if p.joint else step + 1
-    return Subject(
-        model,
-        test=subset(_concat(scenario, "test", seen), max_samples, seed),
-        train=subset(_concat(scenario, "train", seen), max_samples, seed),
-    )
-
-
 def subset(split: Split, max_samples: int | None, seed: int = 0) -> Split:
     """A fixed random subset of at most ``max_samples`` samples (all of them for None)."""
     if max_samples is None or len(split[0]) <= max_samples:
@@ -286,70 +251,6 @@ def subset(split: Split, max_samples: int | None, seed: int = 0) -> Split:
     return tuple(t[keep] for t in split)
 
 
-def _concat(scenario: Scenario, which: str, n: int) -> Split:
-    parts = [getattr(scenario, which)(e) for e in range(n)]
-    return tuple(torch.cat(column) for column in zip(*parts))
-
-
-def probe_command(args: list[str]) -> int:
-    """``afmbench probe RUN_DIR [options]``: run the probes on a finished run."""
-    parser = argparse.ArgumentParser(prog="afmbench probe", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="folder of a run made by `afmbench run`")
-    parser.add_argument(
-        "--probes", default=",".join(PROBES), help=f"comma-separated subset of {','.join(PROBES)}"
-    )
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=10_000,
-        help="test / training samples used (a fixed random subset; 0 = all)",
-    )
-    parser.add_argument("--repeats", type=int, default=10, help="repetitions of every random order")
-    parser.add_argument(
-        "--sparsity-normalization",
-        choices=("divide", "multiply"),
-        default="divide",
-        help="eq. 1's factor (1 - 1/N): divide by it (range [0, 1]) or multiply as printed",
-    )
-    parser.add_argument(
-        "--noise",
-        type=float,
-        default=1.0,
-        help="perturbation std, in units of the layer's weight std",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="the sample subset, random orders and noise draws"
-    )
-    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/probes)")
-    options = parser.parse_args(args)
-    try:
-        if options.repeats < 1 or options.max_samples < 0 or not options.noise > 0:
-            raise ConfigError(
-                "--repeats must be >= 1, --max-samples >= 0 and --noise > 0",
-                "e.g. --repeats 10 --max-samples 10000 --noise 1",
-            )
-        subject = load_run(options.run_dir, options.max_samples or None, options.seed)
-        out = options.out or Path(options.run_dir) / "probes"
-        prepare_run_dir(out, "--out", "--out probes")
-        results = run_probes(
-            subject,
-            out,
-            [p for p in options.probes.split(",") if p],
-            repeats=options.repeats,
-            normalization=options.sparsity_normalization,
-            noise=options.noise,
-            seed=options.seed,
-        )
-    except AfmbenchError as error:
-        from afmbench.cli import report
-
-        report(error)
-        return error.exit_code
-    print(f"probes {', '.join(results)} written to {out}")
-    return 0
-
-
-# -- helpers ---------------------------------------------------------------------------
 def _removal_curves(
     subject: Subject,
     names: list[str],
@@ -433,9 +334,7 @@ __all__ = [
     "ablation_curves",
     "accuracy",
     "importance_distribution",
-    "load_run",
     "perturbation_curves",
-    "probe_command",
     "pruning_curves",
     "run_probes",
     "sparsity",

@@ -1,0 +1,18 @@
+"""Regularization strategies, one plugin per file (see :mod:`afmbench.plugin` for the protocol).
+
+Each has a YAML beside the others in ``afmbench/configs/strategy/`` whose ``_target_`` names
+its class, so ``strategy=<name>`` on the command line needs no registry; ``naive`` (plain
+fine-tuning, the lower bound) and ``joint`` (all data at once, the upper bound) need no
+plugin. Every plugin is also usable from Python, e.g. ``EWC(lambda_=100.0)``, and any number
+of them compose in one run (their penalties add up). Two instances of one strategy in a run
+need distinct ``name`` attributes: penalties and checkpointed state are keyed by it.
+"""
+
+from __future__ import annotations
+
+from afmbench.strategies.anpyc import ANPyC
+from afmbench.strategies.ewc import EWC
+from afmbench.strategies.mas import MAS
+from afmbench.strategies.si import SI
+
+__all__ = ["EWC", "MAS", "SI", "ANPyC"]
