@@ -21,27 +21,26 @@ def _readme_python_example() -> str:
     return re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
 
 
+def _cli_hash_and_matrix(folder, *overrides: str) -> tuple[str, list]:
+    out = run_cli(
+        "run", "strategy=ewc", "model.hidden=[64,64]", "trainer.max_epochs=3", "logger=none",
+        "trainer.enable_progress_bar=false", f"run_dir={folder}", "leaderboard.record=false",
+        *overrides,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return metrics["config_hash"], metrics["accuracy_matrix"]
+
+
 def test_the_readme_example_and_the_equivalent_command_are_one_configuration(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(_readme_python_example(), "README.md", "exec"), {})
     python = json.loads((tmp_path / "runs" / "api-demo" / "metrics.json").read_text())
-    out = run_cli(
-        "run", "strategy=ewc", "strategy.lambda_=100", "model.hidden=[64,64]",
-        "trainer.max_epochs=3", "logger=none", "trainer.enable_progress_bar=false",
-        f"run_dir={tmp_path / 'cli'}", "leaderboard.record=false",
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
-    assert cli["config_hash"] == python["config_hash"]
-    assert cli["accuracy_matrix"] == python["accuracy_matrix"]  # the same experiment indeed
-    other = run_cli(
-        "run", "strategy=ewc", "strategy.lambda_=10", "model.hidden=[64,64]",
-        "trainer.max_epochs=3", "logger=none", "trainer.enable_progress_bar=false",
-        f"run_dir={tmp_path / 'other'}", "leaderboard.record=false",
-    )  # fmt: skip
-    assert other.returncode == 0, other.stderr
-    changed = json.loads((tmp_path / "other" / "metrics.json").read_text())["config_hash"]
-    assert changed != python["config_hash"]
+    cli_hash, cli_matrix = _cli_hash_and_matrix(tmp_path / "cli", "strategy.lambda_=100")
+    assert cli_hash == python["config_hash"]
+    assert cli_matrix == python["accuracy_matrix"]  # the same experiment indeed
+    other_hash, _ = _cli_hash_and_matrix(tmp_path / "other", "strategy.lambda_=10")
+    assert other_hash != python["config_hash"]
 
 
 def test_the_hash_leaves_out_the_seed_and_placement_but_not_what_is_computed():

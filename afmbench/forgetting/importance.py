@@ -97,7 +97,7 @@ def sparsity_index(rates: Tensor, normalization: Normalization = "divide") -> fl
 
     ``1 - mean(r)^2 / mean(r^2)`` lies in ``[0, 1 - 1/N]``; ``divide`` rescales it to
     ``[0, 1]`` (0: every unit fires equally often, 1: a single unit does all the firing), as
-    DESIGN.md proposes; ``multiply`` applies the factor ``(1 - 1/N)`` as the paper prints it.
+    the default; ``multiply`` applies the factor ``(1 - 1/N)`` as the AFM paper prints it.
     """
     rates = rates.double()
     n = rates.numel()
