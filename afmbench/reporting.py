@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from afmbench import plots
+from afmbench.metrics import row_labels
 from afmbench.plugin import ContinualPlugin
 
 SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting", "train_time_s")
@@ -109,7 +110,7 @@ class RunReporter:
                 columns=["after"] + [f"task_{j}" for j in range(matrix.shape[1])],
                 data=[
                     [label, *map(float, row)]
-                    for label, row in zip(self._labels(len(matrix)), matrix)
+                    for label, row in zip(row_labels(len(matrix), self.joint), matrix)
                 ],
             ),
             "eval/accuracy_heatmap": wandb.Image(plots.accuracy_heatmap(matrix, joint=self.joint)),
@@ -165,6 +166,3 @@ class RunReporter:
         if extra["gate_histograms"]:
             plots.save(plots.histograms({"gates": extra["gate_histograms"]}, "gate states per layer", "gate"),
                        where / "gates.png")  # fmt: skip
-
-    def _labels(self, n_rows: int) -> list[str]:
-        return ["joint"] if self.joint else [f"experience_{i}" for i in range(n_rows)]

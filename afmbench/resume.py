@@ -151,12 +151,16 @@ def with_saved_overrides(args: list[str], options: dict[str, str]) -> list[str]:
     return [*keep, *args]
 
 
-def check_resume(options: dict[str, str], cfg: DictConfig) -> None:
+def check_resume(options: dict[str, str], overrides: list[str]) -> None:
     """Refuse a resume with nothing to resume, or under another configuration than the run's
-    (``cfg``), before any folder is created or Hydra rewrites the run's ``.hydra/`` record."""
+    (``overrides`` composed), before any folder is created or Hydra rewrites the run's
+    ``.hydra/`` record. A run that does not resume composes nothing here."""
     resume = options.get("resume", "false")
     if resume.lower() == "false":
         return
+    from afmbench.compose import load_config
+
+    cfg = load_config(overrides)
     run_dir = Path(options["run_dir"]).expanduser() if "run_dir" in options else None
     find_checkpoint(True if resume.lower() == "true" else resume, run_dir)
     folder = resumed_folder(options)

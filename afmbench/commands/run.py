@@ -76,7 +76,7 @@ def run_command(args: list[str]) -> int:
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     options = _options(overrides)
     if not multirun:
-        check_resume(options, load_config(overrides))  # before any folder is made for it
+        check_resume(options, overrides)  # before any folder is made for it
     check_overrides(overrides, multirun)
     folder = single_run_folder(options) if not multirun else None
     with owned(folder) if folder is not None else nullcontext():
