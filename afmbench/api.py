@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.pytorch.loggers import Logger
 
 from afmbench.checkpoint import load_checkpoint
@@ -25,8 +26,16 @@ from afmbench.models import ContinualModel
 from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
 from afmbench.reporting import RunReporter
-from afmbench.resume import changes_since, check_same_config, find_checkpoint, run_folder_of
-from afmbench.run_folder import check_new_run_dir, owned
+from afmbench.resume import (
+    AUTO,
+    auto_resume,
+    changes_since,
+    check_same_config,
+    find_checkpoint,
+    finished_run,
+    run_folder_of,
+)
+from afmbench.run_folder import owned
 from afmbench.run_record import RunRecord, RunResult
 from afmbench.scenarios.base import Scenario
 from afmbench.trainers import check_loop_options, runs_plain_ddp
@@ -47,6 +56,7 @@ def run(
     trainer_kwargs: dict[str, Any] | None = None,
     logger: Logger | None = None,
     keep_checkpoints: bool = False,
+    figures: bool = False,
     resume: bool | str | Path = False,
     leaderboard: str | Path | None = None,
     verbose: bool = True,
@@ -54,19 +64,23 @@ def run(
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
 
     ``joint=True`` trains once on all experiences' data (the upper bound). With ``run_dir``
-    set, the run folder is written as the run goes. ``resume=True`` (or a run folder /
+    set, the run folder is written as the run goes (``figures=True`` draws its PNGs at the end).
+    ``resume=True`` (or a run folder /
     checkpoint path) continues an interrupted run after its last complete experience; the
-    result equals that of an uninterrupted run. A finished run is added to the SQLite
+    result equals that of an uninterrupted run. ``resume="auto"`` keeps a finished run in
+    ``run_dir``, continues an interrupted one, and otherwise starts afresh. A finished run is added to the SQLite
     ``leaderboard`` file when one is given.
     """
     plugins = check_inputs(scenario, model, plugins)
+    if not isinstance(figures, bool):
+        raise ConfigError(f"figures must be True or False, got {figures!r}", "e.g. figures=True")
     trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
     check_loop_options(max_epochs, batch_size, eval_batch_size, trainer_kwargs)
     settings = LoopSettings(joint, batch_size, eval_batch_size, seed, trainer_kwargs, verbose)
     return start(
         scenario, model, plugins, settings, optimizer or OptimizerConfig(), run_dir,
         lambda _folder: logger, resume=resume, leaderboard=leaderboard,
-        keep_checkpoints=keep_checkpoints,
+        keep_checkpoints=keep_checkpoints, figures=figures,
     )  # fmt: skip
 
 
@@ -82,6 +96,7 @@ def start(
     resume: bool | str | Path = False,
     leaderboard: str | Path | None = None,
     keep_checkpoints: bool = False,
+    figures: bool = False,
     config: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run checked inputs end to end. ``config`` is the command line's resolved configuration
@@ -98,13 +113,19 @@ def start(
         "config_hash": config_hash(identity),
         **({"config": config} if config is not None else {}),
     }
-    resume_from = find_checkpoint(resume, Path(run_dir) if run_dir else None) if resume else None
-    if resume_from is not None and run_dir is None:
-        run_dir = run_folder_of(resume_from)
-    with owned(run_dir) if run_dir is not None else nullcontext() as folder:
+    auto = resume == AUTO
+    if auto and run_dir is None:
+        raise ConfigError("resume=auto needs a run folder", "pass run_dir=PATH")
+    resume_from = None
+    if resume and not auto:
+        resume_from = find_checkpoint(resume, Path(run_dir) if run_dir else None)
+        run_dir = run_dir if run_dir is not None else run_folder_of(resume_from)
+    with owned(run_dir, new_run=not resume) if run_dir is not None else nullcontext() as folder:
+        if auto and (found := auto_resume(folder)) == "finished":
+            return skip_finished(folder, record["config_hash"], leaderboard, settings.verbose)
+        if auto and found:
+            resume_from = find_checkpoint(True, folder)
         state = None
-        if resume_from is None and folder is not None:
-            check_new_run_dir(folder)
         if resume_from is not None:  # checked before anything in the run's folder is rewritten
             state = load_checkpoint(resume_from)
             changes = changes_since(run_folder_of(resume_from), config)
@@ -114,19 +135,33 @@ def start(
         for plugin in plugins:
             plugin.prepare(model)
         steps = 1 if settings.joint else scenario.n_experiences
-        module = ContinualModule(model, scenario.n_experiences, steps + 1, optimizer)
+        module = ContinualModule(model, scenario.n_experiences, steps + 1, optimizer,
+                                 validation=bool(getattr(scenario, "validation_fraction", 0)))  # fmt: skip
         if scenario.multi_head and runs_plain_ddp(settings.trainer_kwargs):
             # Only the current task's head takes part in a step; DDP must be told to expect that.
             settings.trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
         logger = make_logger(folder)
         book = RunRecord(
-            record, folder, keep_checkpoints, RunReporter(folder, logger, settings.joint)
+            record, folder, keep_checkpoints, RunReporter(folder, logger, settings.joint, figures)
         )
         loop = ExperienceLoop(scenario, module, plugins, settings, book, logger)
         result = loop.train(state, resume_from)
         if leaderboard is not None and loop.is_global_zero:
             add_to_leaderboard(leaderboard, result.metrics, folder)
         return result
+
+
+def skip_finished(
+    folder: Path, config_hash: str, leaderboard: str | Path | None, verbose: bool
+) -> RunResult:
+    """``resume=auto`` on a finished run: keep it, and make sure the leaderboard has it."""
+    metrics = finished_run(folder, config_hash)
+    if verbose:
+        print(f"afmbench: {folder} has finished already: kept (resume=auto)", flush=True)
+    if leaderboard is not None:
+        add_to_leaderboard(leaderboard, metrics, folder)
+    matrix = np.asarray(metrics["accuracy_matrix"])
+    return RunResult(matrix, np.asarray(metrics["baseline_accuracy"]), metrics, folder)
 
 
 def check_inputs(scenario: Any, model: Any, plugins: Any) -> list[ContinualPlugin]:

@@ -20,6 +20,7 @@ commands:
                              -m sweeps comma-separated values, e.g. strategy=naive,ewc seed=0,1
   leaderboard [--scenario S] [--format table|markdown|csv|html] [--db PATH]
                              rank finished runs (--add RUN_DIR ... records runs by hand)
+  plot RUN_DIR ...           draw runs' figures (accuracy heatmap, importance histograms)
   probe RUN_DIR              analyse a finished run (sparsity, importance, ablations)
   --version                  afmbench's version and its libraries'
 
@@ -38,6 +39,12 @@ def _leaderboard(args: list[str]) -> int:
     return leaderboard_command(args)
 
 
+def _plot(args: list[str]) -> int:
+    from afmbench.commands.plot import plot_command
+
+    return plot_command(args)
+
+
 def _probe(args: list[str]) -> int:
     from afmbench.commands.probe import probe_command
 
@@ -48,6 +55,7 @@ def _probe(args: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "run": _run,
     "leaderboard": _leaderboard,
+    "plot": _plot,
     "probe": _probe,
 }
 

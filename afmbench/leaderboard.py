@@ -19,7 +19,7 @@ import os
 import sqlite3
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def value_of(row: dict[str, Any], key: str) -> Any:
+    """A run's ``key``: its column, else the field of its ``metrics.json`` (parsed once)."""
+    if key in row:
+        return row[key]
+    if "_metrics" not in row:
+        row["_metrics"] = json.loads(row.get("metrics") or "{}")
+    return row["_metrics"].get(key)
+
+
 @dataclass
 class Group:
     """Runs of one configuration (all seeds), summarised."""
@@ -148,8 +157,9 @@ class Group:
         self.runs = [r for r in self.runs if r["seed"] != row["seed"]] + [row]
 
     def stat(self, key: str) -> tuple[float | None, float | None]:
-        """Mean and sample std of ``key`` over the runs (std None for one run or no values)."""
-        values = [r[key] for r in self.runs if r[key] is not None]
+        """Mean and sample std of ``key`` (a column, or a field of the runs' metrics such as
+        ``val_acc``) over the runs (std None for one run or no values)."""
+        values = [v for r in self.runs if (v := value_of(r, key)) is not None]
         if not values:
             return None, None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
@@ -181,8 +191,9 @@ class Group:
         return {layer: counts.tolist() for layer, counts in total.items()}
 
 
-def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
-    """Every configuration on the leaderboard, ranked by mean ACC within scenario and protocol."""
+def load_groups(path: str | Path, scenario: str | None = None, rank_by: str = "acc") -> list[Group]:
+    """Every configuration on the leaderboard, ranked by mean ``rank_by`` (ACC, or the
+    validation ACC ``val_acc``) within scenario and protocol."""
     if not Path(path).is_file():
         return []
     check_db(path)
@@ -200,9 +211,27 @@ def load_groups(path: str | Path, scenario: str | None = None) -> list[Group]:
             groups[key] = Group(row["scenario"], row["protocol"], row["strategy"], bool(row["forgetting_layer"]),
                                 row["config_hash"])  # fmt: skip
         groups[key].add(row)
-    return sorted(
-        groups.values(), key=lambda g: (g.scenario, g.protocol, -(g.stat("acc")[0] or 0.0))
-    )
+    return ranked(groups.values(), rank_by)
+
+
+def ranked(groups: Iterable[Group], key: str = "acc") -> list[Group]:
+    """``groups`` by scenario and protocol, then best mean ``key`` first."""
+    return sorted(groups, key=lambda g: (g.scenario, g.protocol, -(g.stat(key)[0] or 0.0)))
+
+
+def select_best(groups: Sequence[Group], key: str = "val_acc") -> list[Group]:
+    """For each scenario, protocol, strategy and forgetting layer on or off, the configuration
+    (strength, learning rate, ...) with the best mean ``key`` over its seeds: "tuned on
+    validation, reported on test". Configurations without ``key`` take no part."""
+    best: dict[tuple, Group] = {}
+    for group in groups:
+        score = group.stat(key)[0]
+        if score is None:
+            continue
+        where = (group.scenario, group.protocol, group.strategy, group.forgetting_layer)
+        if where not in best or score > best[where].stat(key)[0]:
+            best[where] = group
+    return ranked(best.values())
 
 
 HEADERS = (
@@ -220,20 +249,35 @@ HEADERS = (
 
 
 STATS = ("acc", "bwt", "forgetting")
-CSV_HEADERS = (
-    "scenario", "protocol", "rank", "strategy", "forgetting_layer",
-    *(f"{key}_{part}" for key in STATS for part in ("mean", "std")), "n", "config_hash",
-)  # fmt: skip
+VALIDATION = "val_acc"  # a column of its own where some run held out validation data
+
+
+def stats_of(groups: Sequence[Group]) -> tuple[str, ...]:
+    return STATS + ((VALIDATION,) if any(g.stat(VALIDATION)[0] is not None for g in groups) else ())
+
+
+def headers(groups: Sequence[Group]) -> list[str]:
+    """The table's column names (``val ACC`` after forgetting, where there is one)."""
+    stats = stats_of(groups)
+    return [*HEADERS[:8], *(["val ACC"] if VALIDATION in stats else []), *HEADERS[8:]]
+
+
+def csv_headers(groups: Sequence[Group]) -> list[str]:
+    return ["scenario", "protocol", "rank", "strategy", "forgetting_layer",
+            *(f"{key}_{part}" for key in stats_of(groups) for part in ("mean", "std")), "n",
+            "config_hash"]  # fmt: skip
 
 
 def table_rows(groups: Sequence[Group], numbers: bool = False) -> list[list[Any]]:
-    """One row per group: mean ± std of ACC, BWT and forgetting over its seeds (``numbers``:
-    mean and std as two numeric cells each, empty where undefined, for CSV)."""
+    """One row per group: mean ± std of ACC, BWT, forgetting (and validation ACC) over its
+    seeds (``numbers``: mean and std as two numeric cells each, empty where undefined, for
+    CSV)."""
     rows, rank, previous = [], 0, None
+    stat_keys = stats_of(groups)
     for group in groups:
         rank = rank + 1 if (group.scenario, group.protocol) == previous else 1
         previous = (group.scenario, group.protocol)
-        stats = [group.stat(key) for key in STATS]
+        stats = [group.stat(key) for key in stat_keys]
         cells = [v for stat in stats for v in stat] if numbers else [_mean_std(s) for s in stats]
         rows.append([
             group.scenario, group.protocol, rank if numbers else str(rank), group.strategy,
@@ -255,20 +299,21 @@ def render(groups: Sequence[Group], fmt: str) -> str:
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_HEADERS)
+        writer.writerow(csv_headers(groups))
         writer.writerows(table_rows(groups, numbers=True))
         return buffer.getvalue()
     rows = table_rows(groups)
+    names = headers(groups)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+        lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
     if fmt == "html":
         return render_html(groups, rows)
     widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEADERS)
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(names)
     ]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *map(line, rows)]) + "\n"
+    return "\n".join([line(names), line(["-" * w for w in widths]), *map(line, rows)]) + "\n"
 
 
 def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
@@ -279,7 +324,7 @@ def render_html(groups: Sequence[Group], rows: list[list[str]]) -> str:
         data = base64.b64encode(plots.png_bytes(fig)).decode()
         return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in headers(groups))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
     )
@@ -342,5 +387,5 @@ def push_to_wandb(groups: Sequence[Group], project: str, mode: str) -> None:
     import wandb
 
     run = wandb.init(project=project, job_type="leaderboard", mode=mode)
-    run.log({"leaderboard": wandb.Table(columns=list(HEADERS), data=table_rows(groups))})
+    run.log({"leaderboard": wandb.Table(columns=headers(groups), data=table_rows(groups))})
     run.finish()

@@ -67,10 +67,13 @@ class ExperienceLoop:
         self.scenario, self.module, self.plugins = scenario, module, list(plugins)
         self.settings, self.book, self.logger = settings, book, logger
         self.steps = 1 if settings.joint else scenario.n_experiences
+        # every test set, then every validation split: evaluation loader j is column j
         self.tests = [
-            TensorLoader(scenario.test(j), settings.eval_batch_size)
+            TensorLoader(split(j), settings.eval_batch_size)
+            for split in ([scenario.test, scenario.validation] if module.has_validation
+                          else [scenario.test])
             for j in range(scenario.n_experiences)
-        ]
+        ]  # fmt: skip
         self.progress = ExperienceProgressBar(self.steps)
         self.trainer: Trainer | None = None
 
@@ -186,7 +189,7 @@ class ExperienceLoop:
     def _validate(self, row: int) -> np.ndarray:
         self.module.eval_row = row
         self.trainer.validate(self.module, dataloaders=self.tests, verbose=False)
-        return self.module.accuracy.compute()[row].cpu().numpy()
+        return self.module.accuracies(row)[0]
 
     def _warn_if_unlearned(self, step: int, accuracy: float, untrained: float) -> None:
         """Say so when an experience left its own task at the untrained model's accuracy: a

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -40,11 +41,14 @@ class ContinualModule(LightningModule):
         n_tasks: int,
         n_rows: int,
         optimizer: OptimizerConfig | None = None,
+        validation: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_config = optimizer or OptimizerConfig()
-        self.accuracy = AccuracyMatrix(n_rows, n_tasks)
+        # with validation splits, their columns follow the test tasks' (evaluation loader j)
+        self.n_tasks, self.has_validation = n_tasks, validation
+        self.accuracy = AccuracyMatrix(n_rows, n_tasks * (2 if validation else 1))
         self.n_experiences = n_rows - 1  # experiences this run trains (1 for joint)
         self.experience = -1
         self.task_id: int | None = 0
@@ -293,6 +297,12 @@ class ContinualModule(LightningModule):
             value, list(params.values()), retain_graph=True, allow_unused=True
         )
         return {name: grad for name, grad in zip(params, found) if grad is not None}
+
+    def accuracies(self, rows: slice | int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The test accuracy matrix's ``rows``, and the validation one's (None without it)."""
+        matrix = self.accuracy.compute()[rows].cpu().numpy()
+        test = matrix[..., : self.n_tasks]
+        return test, matrix[..., self.n_tasks :] if self.has_validation else None
 
     def validation_step(
         self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0

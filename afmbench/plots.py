@@ -19,8 +19,6 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
 
-HISTOGRAM_BINS = 20
-
 
 def accuracy_heatmap(
     matrix: np.ndarray, title: str = "accuracy matrix", joint: bool = False
@@ -69,12 +67,6 @@ def accuracy_curves(
     return fig
 
 
-def histogram_counts(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[int]:
-    """Counts of ``values`` (already scaled to [0, 1]) in ``bins`` equal bins."""
-    counts, _ = np.histogram(np.clip(values, 0, 1), bins=bins, range=(0, 1))
-    return counts.tolist()
-
-
 def histograms(
     series: Mapping[str, Mapping[str, Sequence[int]]],
     title: str,
@@ -82,7 +74,7 @@ def histograms(
 ) -> Figure:
     """One panel per layer; each panel overlays the labelled histograms of that layer.
 
-    ``series[label][layer]`` holds counts over equal bins of [0, 1] (see :func:`histogram_counts`);
+    ``series[label][layer]`` holds counts over equal bins of [0, 1] (see :func:`afmbench.reporting.histogram_counts`);
     counts are shown as fractions so layers and runs of different sizes compare.
     """
     layers = sorted({layer for per_layer in series.values() for layer in per_layer})

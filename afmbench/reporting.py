@@ -4,8 +4,11 @@ After each experience the accuracy matrix so far goes to W&B as a ``wandb.Table`
 heatmap, with the average accuracy over the tasks seen, and every plugin's importance as one
 ``wandb.Histogram`` per layer (values divided by the layer's maximum, so layers and methods
 compare on [0, 1]); a forgetting layer adds its gate states and per-layer sparsity. At the end
-the summary gets ACC, BWT, FWT, forgetting and the training time, and the same figures are
-written to ``<run_dir>/plots/`` so nothing needs W&B to be seen.
+the summary gets ACC, BWT, FWT, forgetting and the training time. ``metrics.json`` keeps the
+histograms' counts; :func:`draw_figures` turns a run's metrics into the PNGs of
+``<run_dir>/plots/`` (at the end of the run with ``figures=true``, or later with ``afmbench
+plot``), so nothing needs W&B to be seen. Drawing them costs a short run more than all its
+other bookkeeping together (matplotlib lays out every tick label), so it is not on by default.
 """
 
 from __future__ import annotations
@@ -18,11 +21,19 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from afmbench import plots
 from afmbench.metrics import row_labels
 from afmbench.plugin import ContinualPlugin
 
 SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting", "train_time_s")
+HISTOGRAM_BINS = 20
+# W&B metric families logged once per experience, charted against the tasks learned
+EXPERIENCE_METRICS = ("eval/*", "importance/*", "gates/*", "sparsity/*")
+
+
+def histogram_counts(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[int]:
+    """Counts of ``values`` (already scaled to [0, 1]) in ``bins`` equal bins."""
+    counts, _ = np.histogram(np.clip(values, 0, 1), bins=bins, range=(0, 1))
+    return counts.tolist()
 
 
 def scaled(values: torch.Tensor) -> np.ndarray:
@@ -37,8 +48,7 @@ def importance_histograms(plugins: Sequence[ContinualPlugin]) -> dict[str, dict[
     found = {}
     for plugin in plugins:
         per_layer = {
-            name: plots.histogram_counts(scaled(value))
-            for name, value in plugin.importance().items()
+            name: histogram_counts(scaled(value)) for name, value in plugin.importance().items()
         }
         if per_layer:
             found[plugin.name] = per_layer
@@ -51,7 +61,7 @@ def gate_histograms(plugins: Sequence[ContinualPlugin]) -> dict[str, list[int]]:
     for plugin in plugins:
         if getattr(plugin, "is_forgetting_layer", False):
             return {
-                layer: plots.histogram_counts(values.detach().float().flatten().cpu().numpy())
+                layer: histogram_counts(values.detach().float().flatten().cpu().numpy())
                 for layer, values in plugin.gate_states().items()
             }
     return {}
@@ -68,8 +78,12 @@ def layer_sparsity(plugins: Sequence[ContinualPlugin]) -> dict[str, float | None
 class RunReporter:
     """Sends experience-level results to W&B (rank 0) and draws the run folder's figures."""
 
-    def __init__(self, folder: Path | None, logger: Logger | None, joint: bool) -> None:
+    def __init__(
+        self, folder: Path | None, logger: Logger | None, joint: bool, figures: bool = False
+    ) -> None:
         self.folder = folder
+        self.figures = figures
+        self.first_step: int | None = None  # the first experience reported by this process
         self.logger = logger if isinstance(logger, WandbLogger) else None
         self.scalars_logger = logger  # any Lightning logger (CSV too) gets the scalars
         self.joint = joint
@@ -84,7 +98,12 @@ class RunReporter:
         curve: list[float],
         plugins: Sequence[ContinualPlugin],
         global_step: int,
+        held_out: np.ndarray | None = None,
     ) -> None:
+        """Log experience ``step``'s results: its row of the test (and validation) accuracy
+        matrix, the average accuracy so far, and the plugins' histograms."""
+        if self.first_step is None:
+            self.first_step = step
         self.importance.append(importance_histograms(plugins))
         self.gates.append(gate_histograms(plugins))
         self.sparsity = layer_sparsity(plugins)
@@ -93,6 +112,10 @@ class RunReporter:
             "eval/avg_acc": curve[step] if step < len(curve) else curve[-1],
             **{f"eval/acc_task_{j}": float(a) for j, a in enumerate(matrix[-1])},
         }
+        if held_out is not None:
+            seen = held_out[-1][: len(held_out)] if not self.joint else held_out[-1]
+            scalars["eval/val_avg_acc"] = float(np.mean(seen))
+            scalars.update({f"eval/val_acc_task_{j}": float(a) for j, a in enumerate(held_out[-1])})
         if self.logger is None:
             if self.scalars_logger is not None:
                 # the loggers of afmbench.loggers add their own offset of earlier experiences
@@ -102,7 +125,11 @@ class RunReporter:
             return
         import wandb
 
-        edges = np.linspace(0, 1, plots.HISTOGRAM_BINS + 1)
+        from afmbench import plots  # matplotlib, only for W&B's heatmap
+
+        if step == self.first_step:
+            define_task_axis(self.logger.experiment)
+        edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
         data: dict[str, Any] = {
             "trainer/global_step": global_step,
             **scalars,
@@ -147,22 +174,42 @@ class RunReporter:
                 key: metrics.get(key) for key in SUMMARY_KEYS if metrics.get(key) is not None
             }
             self.logger.experiment.summary.update(summary)
-        if self.folder is not None and len(matrix):
-            self.draw(self.folder / "plots", metrics, matrix, extra)
+        if self.figures and self.folder is not None and len(matrix):
+            draw_figures(self.folder, {**metrics, **extra})
         return extra
 
-    def draw(
-        self, where: Path, metrics: dict[str, Any], matrix: np.ndarray, extra: dict[str, Any]
-    ) -> None:
-        title = f"{metrics.get('scenario')} / {metrics.get('strategy')}"
-        plots.save(
-            plots.accuracy_heatmap(matrix, title, joint=self.joint), where / "accuracy_matrix.png"
+
+def define_task_axis(run: Any) -> None:
+    """Draw W&B's experience-level charts against the number of tasks learned, not W&B's
+    internal step (the per-step training curves keep Lightning's ``trainer/global_step``)."""
+    run.define_metric("eval/tasks_learned")
+    for family in EXPERIENCE_METRICS:
+        run.define_metric(family, step_metric="eval/tasks_learned")
+
+
+def draw_figures(folder: Path, metrics: dict[str, Any]) -> list[Path]:
+    """Write a run's PNGs to ``folder/plots/`` from its metrics (what ``metrics.json`` holds):
+    the accuracy heatmap, the average-accuracy curve, each plugin's importance histograms and
+    the forgetting layer's gate states. Returns the files written."""
+    from afmbench import plots  # matplotlib: imported only to draw
+
+    where = folder / "plots"
+    matrix = np.asarray(metrics["accuracy_matrix"], dtype=float)
+    strategy = metrics.get("strategy", "run")
+    figures = {
+        "accuracy_matrix.png": plots.accuracy_heatmap(
+            matrix, f"{metrics.get('scenario')} / {strategy}", joint=strategy == "joint"
+        ),
+        "avg_accuracy.png": plots.accuracy_curves({strategy: metrics["avg_acc_per_task"]}),
+    }
+    for plugin, per_layer in metrics.get("importance_histograms", {}).items():
+        figures[f"importance_{plugin}.png"] = plots.histograms(
+            {plugin: per_layer}, f"{plugin} importance per layer"
         )
-        plots.save(plots.accuracy_curves({metrics.get("strategy", "run"): metrics["avg_acc_per_task"]}),
-                   where / "avg_accuracy.png")  # fmt: skip
-        for plugin, per_layer in extra["importance_histograms"].items():
-            plots.save(plots.histograms({plugin: per_layer}, f"{plugin} importance per layer"),
-                       where / f"importance_{plugin}.png")  # fmt: skip
-        if extra["gate_histograms"]:
-            plots.save(plots.histograms({"gates": extra["gate_histograms"]}, "gate states per layer", "gate"),
-                       where / "gates.png")  # fmt: skip
+    if metrics.get("gate_histograms"):
+        figures["gates.png"] = plots.histograms(
+            {"gates": metrics["gate_histograms"]}, "gate states per layer", "gate"
+        )
+    for name, figure in figures.items():
+        plots.save(figure, where / name)
+    return [where / name for name in figures]

@@ -5,10 +5,12 @@ A run killed at any point continues after its last complete experience and ends 
 same accuracy matrix as an uninterrupted run. A resume under another configuration is
 refused in one line naming what changed and the overrides that restore it; ``resume=PATH``
 alone reuses the overrides the run was started with (Hydra's ``.hydra/overrides.yaml``).
+``resume=auto`` decides per run folder, so a long sweep can be spread over several sittings.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,30 @@ from afmbench.config import explain_differences, identity_differences
 from afmbench.errors import CheckpointError
 from afmbench.module import ContinualModule
 from afmbench.plugin import ContinualPlugin
+
+AUTO = "auto"  # resume=auto: skip a finished run, continue an interrupted one, else start
+
+
+def auto_resume(folder: Path) -> bool | str:
+    """What ``resume=auto`` does with ``folder``: ``"finished"`` if it holds a finished run (it
+    is kept, not rerun), ``True`` if it holds a checkpoint (the run continues), else ``False``
+    (a fresh start), so a sweep run again picks up where it stopped."""
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "finished":
+        return "finished"
+    return any(CHECKPOINT.search(p.name) for p in (folder / "checkpoints").glob("*.ckpt"))
+
+
+def finished_run(folder: Path, config_hash: str) -> dict[str, Any]:
+    """The metrics of the finished run in ``folder``, if it is this configuration's."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if metrics.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"{folder} holds a finished run of another configuration "
+            f"(hash {metrics.get('config_hash')}, this run {config_hash})",
+            "give this configuration its own run_dir (or delete that folder)",
+        )
+    return metrics
 
 
 def find_checkpoint(
@@ -119,7 +145,7 @@ def resumed_folder(options: dict[str, str]) -> Path | None:
     """The run folder that ``resume=PATH`` (or ``resume=true run_dir=PATH``) continues, from
     the command line's ``key=value`` overrides."""
     resume = options.get("resume", "false")
-    if resume.lower() == "false" or (resume.lower() == "true" and "run_dir" not in options):
+    if resume.lower() in ("false", AUTO) or (resume.lower() == "true" and "run_dir" not in options):
         return None
     folder = Path(options["run_dir"] if resume.lower() == "true" else resume).expanduser()
     return run_folder_of(folder) if folder.suffix == ".ckpt" else folder
@@ -156,7 +182,7 @@ def check_resume(options: dict[str, str], overrides: list[str]) -> None:
     (``overrides`` composed), before any folder is created or Hydra rewrites the run's
     ``.hydra/`` record. A run that does not resume composes nothing here."""
     resume = options.get("resume", "false")
-    if resume.lower() == "false":
+    if resume.lower() in ("false", AUTO):
         return
     from afmbench.compose import load_config
 

@@ -70,18 +70,23 @@ _held: dict[Path, list] = {}
 
 
 @contextmanager
-def owned(folder: str | os.PathLike) -> Iterator[Path]:
+def owned(folder: str | os.PathLike, new_run: bool = False) -> Iterator[Path]:
     """Hold ``folder``'s lock for the block: a run (or resume) into a folder that another
     process holds is refused with :class:`FolderInUseError` naming that process, before
-    anything is written. Re-entrant within a process; in a distributed run only the first
-    process locks (the others share its folder)."""
+    anything is written. A ``new_run`` is also refused if the folder holds another run,
+    checked once, when the lock is taken. Re-entrant within a process (the command line
+    takes the lock before Hydra writes into the folder, the run keeps it); in a distributed
+    run only the first process locks (the others share its folder)."""
     path = prepare_run_dir(folder).resolve()
-    if path not in _held and _first_process():
+    taken = path not in _held and _first_process()
+    if taken:
         _held[path] = [_lock(path), 0]
     entry = _held.get(path)
     if entry is not None:
         entry[1] += 1
     try:
+        if taken and new_run:
+            check_new_run_dir(path)
         yield path
     finally:
         if entry is not None:
@@ -147,3 +152,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_metrics(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``metrics.json`` of the run in ``folder``, or a one-line error saying it has none."""
+    path = Path(folder).expanduser() / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{folder} has no readable metrics.json ({exc})",
+            "pass the folder of a run made by `afmbench run`",
+        ) from exc

@@ -64,7 +64,7 @@ class RunRecord:
         return self.record["strategy"] == "joint"
 
     def metrics(self, module: ContinualModule, status: str, error: str | None = None):
-        matrix = module.accuracy.compute()[1 : self.done + 1].cpu().numpy()
+        matrix, held_out = module.accuracies(slice(1, self.done + 1))
         summary = summarize(matrix, self.baseline) if self.done else {}
         metrics = {
             **self.record,
@@ -79,6 +79,10 @@ class RunRecord:
             "timings": {"train_s": self.train_s, "eval_s": self.eval_s},
             "versions": versions(),
         }
+        if held_out is not None:  # tuned on validation, reported on test
+            validation = summarize(held_out) if self.done else {}
+            metrics.update(val_accuracy_matrix=held_out, val_acc=validation.get("acc"),
+                           val_bwt=validation.get("bwt"))  # fmt: skip
         return matrix, metrics
 
     def loop_state(self, step: int) -> dict[str, Any]:
@@ -122,9 +126,11 @@ class RunRecord:
         """Experience-level results to the loggers (rank 0 only; importances agree on every
         rank)."""
         if trainer.is_global_zero:
-            matrix = module.accuracy.compute()[1 : step + 2].cpu().numpy()
+            matrix, held_out = module.accuracies(slice(1, step + 2))
             curve = [float(np.mean(matrix[i, : i + 1])) for i in range(len(matrix))]
-            self.reporter.after_experience(step, matrix, curve, plugins, self.logged_steps)
+            self.reporter.after_experience(
+                step, matrix, curve, plugins, self.logged_steps, held_out
+            )
 
     def fail(
         self,

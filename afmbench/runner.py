@@ -34,13 +34,14 @@ from afmbench.plugin import ContinualPlugin
 from afmbench.resume import find_checkpoint
 from afmbench.run_record import RunResult
 from afmbench.scenarios import build_scenario, scenario_builder
-from afmbench.scenarios.base import Scenario, Split
+from afmbench.scenarios.base import Scenario, Split, check_validation
 from afmbench.scenarios.cache import check_only
 from afmbench.trainers import check_loop_options, check_trainer_options
 
 TOP_LEVEL_KEYS = {
     "scenario", "model", "strategy", "forgetting", "trainer", "logger", "seed", "run_dir",
-    "resume", "optimizer", "data", "checkpoint", "extra_strategies", "leaderboard", "hydra",
+    "resume", "optimizer", "data", "checkpoint", "extra_strategies", "leaderboard", "figures",
+    "hydra",
 }  # fmt: skip
 
 
@@ -58,6 +59,7 @@ class Plan:
     seed: int
     logger: dict[str, Any]
     keep_checkpoints: bool
+    figures: bool
     resume: bool | str
     leaderboard: Path | None
     config: dict[str, Any]
@@ -73,13 +75,17 @@ def plan(cfg: DictConfig) -> Plan:
             f"seed must be a non-negative whole number, got {seed!r}", "e.g. seed=0")  # fmt: skip
     require(isinstance(cfg.resume, (bool, str)),
             f"resume must be true, false or a path, got {cfg.resume!r}", "e.g. resume=true")  # fmt: skip
+    figures = cfg.get("figures", False)
+    require(isinstance(figures, bool),
+            f"figures must be true or false, got {figures!r}", "e.g. figures=true")  # fmt: skip
 
     scenario_name = str(cfg.scenario.name)
     scenario = check_params(
-        cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name",)
+        cfg.scenario, scenario_builder(scenario_name), "scenario", skip=("name", "validation")
     )
     with check_only():
         scenario_builder(scenario_name)(**scenario)
+    validation = check_validation(cfg.scenario.get("validation", 0.0))
     model_name = str(cfg.model.name)
     if model_name not in MODELS:
         raise ConfigError(f"unknown model '{model_name}'", f"use one of {', '.join(MODELS)}")
@@ -117,7 +123,7 @@ def plan(cfg: DictConfig) -> Plan:
     if leaderboard is not None:
         check_db(leaderboard)  # a sweep learns it before its first job, not after each one
     return Plan(
-        scenario={"name": scenario_name, **scenario},
+        scenario={"name": scenario_name, **scenario, "validation": validation},
         model={"name": model_name, **model},
         plugins=plugins,
         joint=strategy_name == "joint",
@@ -127,6 +133,7 @@ def plan(cfg: DictConfig) -> Plan:
         seed=seed,
         logger=logger,
         keep_checkpoints=bool(cfg.checkpoint.keep_all),
+        figures=figures,
         resume=cfg.resume,
         leaderboard=leaderboard,
         config=to_plain(cfg),
@@ -195,7 +202,7 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
         scenario, model, p.plugins, settings, p.optimizer, run_dir,
         lambda folder: make_logger(p.logger, folder, group),
         resume=p.resume, leaderboard=p.leaderboard, keep_checkpoints=p.keep_checkpoints,
-        config=p.config,
+        figures=p.figures, config=p.config,
     )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ tricks save.
 Runs the quick speed benchmark's setting (Permuted MNIST, 3 tasks x 1 epoch, 10 000 training
 samples a task, MLP 784-512-256-10, batch 128) through ``afmbench.run`` with a run folder, and
 splits its wall time into training epochs, importance passes, evaluation, and the fixed cost
-around them (Trainer construction, checkpoints and run-folder files, figures, setup). Then
+around them (Trainer construction, checkpoints and run-folder files, reports, setup), and
+what drawing the run's figures afterwards (``afmbench plot``, or ``figures=true``) costs. Then
 prices each of the module's speed tricks: how often a training step takes its path, times
 what the fast path saves a call, against a step of the embedded default's scale.
 
@@ -37,7 +38,7 @@ from afmbench.forgetting import ForgettingLayerCallback
 from afmbench.loop import ExperienceLoop
 from afmbench.models import named_parameters
 from afmbench.module import ContinualModule
-from afmbench.reporting import RunReporter
+from afmbench.reporting import RunReporter, draw_figures
 from afmbench.run_record import RunRecord
 from afmbench.strategies import EWC, SI
 from afmbench.trainers import Unprofiled
@@ -50,7 +51,7 @@ PARTS: dict[str, tuple[Any, str]] = {
     "Trainer construction": (Trainer, "__init__"),
     "checkpoints and run-folder files": (RunRecord, "save"),
     "W&B / logger reports after each experience": (RunReporter, "after_experience"),
-    "figures and summary at the end": (RunReporter, "finish"),
+    "summary at the end": (RunReporter, "finish"),
     "evaluation": (ExperienceLoop, "_validate"),
     "fit (training epochs and importance passes)": (Trainer, "fit"),
 }
@@ -92,7 +93,7 @@ def one_run(scenario, plugins, seed: int) -> dict[str, float]:
         for plugin in made:  # each plugin's importance pass (and anchors) after an experience
             plugin.on_train_end = _summed(plugin.on_train_end, spent, "importance passes")
         started = time.perf_counter()
-        afmbench.run(
+        result = afmbench.run(
             scenario, model, made, max_epochs=1, batch_size=BATCH, seed=seed,
             optimizer=afmbench.OptimizerConfig(lr=LR, momentum=MOMENTUM), run_dir=folder,
             verbose=False, trainer_kwargs={"accelerator": "cpu", "devices": 1},
@@ -106,6 +107,10 @@ def one_run(scenario, plugins, seed: int) -> dict[str, float]:
     spent["setup and the rest"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
     arithmetic = spent["training epochs"] + spent["importance passes"] + spent["evaluation"]
     spent["fixed"] = spent["total"] - arithmetic
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        draw_figures(Path(folder), result.metrics)
+        spent["figures"] = time.perf_counter() - started
     return dict(spent)
 
 
@@ -253,7 +258,7 @@ def main() -> int:
 
 def _report(parts, tricks, options) -> str:
     med = statistics.median
-    rows = [k for k in parts["naive"] if k not in ("total", "fixed")]
+    rows = [k for k in parts["naive"] if k not in ("total", "fixed", "figures")]
     lines = [
         "## Where a short run's time goes",
         "",
@@ -268,10 +273,11 @@ def _report(parts, tricks, options) -> str:
         "| part | " + " | ".join(f"{n} s" for n in parts) + " |",
         "|---|" + "---|" * len(parts),
     ]
-    for key in [*rows, "total", "fixed"]:
+    for key in [*rows, "total", "fixed", "figures"]:
         label = {
             "total": "**total**",
             "fixed": "**fixed cost** (all but training, importance passes and evaluation)",
+            "figures": "figures, if drawn (`figures=true` or `afmbench plot`; not in the total)",
         }.get(key, key)
         lines.append(
             f"| {label} | " + " | ".join(f"{med(parts[n][key]):.2f}" for n in parts) + " |"

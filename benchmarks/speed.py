@@ -503,7 +503,7 @@ def main() -> int:
         default=1,
         help="rounds over all strategies and contenders, one training seed each",
     )
-    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report (full runs)")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report")
     options = parser.parse_args()
     if options.repeat < 1:
         parser.error(f"--repeat {options.repeat}: give 1 or more runs per contender")
@@ -538,9 +538,11 @@ def main() -> int:
             print(f"round {run + 1}/{options.repeat}: " + _line(name, a, b, c), flush=True)
     rows = [Row.of(name, done) for name, done in runs.items()]
     text = _report(rows, options, limit)
-    if not options.quick:
-        # the GPU table goes in a block of its own, next to the CPU one
-        write_block(Path(options.output), "speed" if device.type == "cpu" else "speed-cuda", text)
+    # each setting (full or quick, CPU or GPU) has a block of its own in the report
+    block = (
+        "speed" + ("-quick" if options.quick else "") + ("-cuda" if device.type != "cpu" else "")
+    )
+    write_block(Path(options.output), block, text)
     print(text)
     if options.quick:
         print(json.dumps(_summary(rows), allow_nan=False))
@@ -642,7 +644,9 @@ def _report(rows: list[Row], options, limit: int | None) -> str:
     by_name = {r.name: r for r in rows}
     naive = by_name.get("naive")
     lines = [
-        "## Speed" + (" on a GPU" if options.device == "cuda" else ""),
+        "## Speed"
+        + (" on a GPU" if options.device == "cuda" else "")
+        + (", quick (a short run: its fixed cost weighs more)" if options.quick else ""),
         "",
         _wrap(
             f"Permuted MNIST, {TASKS} tasks x 1 epoch, {samples} training samples per task, "

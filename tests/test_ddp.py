@@ -93,7 +93,21 @@ def test_a_resumed_ddp_run_equals_the_uninterrupted_one(tmp_path):
         json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("full", "resumed")
     )
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert resumed["val_accuracy_matrix"] == full["val_accuracy_matrix"]
     assert resumed["bwt"] == full["bwt"] and resumed["status"] == "finished"
+    # the validation splits, evaluated in shards by two processes, are counted whole, once:
+    # the last row equals the final weights' accuracy measured here in one process
+    import afmbench
+    from afmbench.checkpoint import load_model_weights
+
+    scenario = afmbench.build_scenario("permuted_digits", n_experiences=3, seed=0, validation=0.2)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[32])
+    load_model_weights(model, tmp_path / "full" / "checkpoints" / "experience_2.ckpt")
+    model.eval()
+    with torch.no_grad():
+        final = [float((model(x, t).argmax(1) == y).float().mean())
+                 for x, y, t in map(scenario.validation, range(3))]  # fmt: skip
+    assert full["val_accuracy_matrix"][-1] == pytest.approx(final, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import afmbench
 from afmbench.loggers import make_logger, wandb_mode
 from afmbench.plugin import ContinualPlugin
 from tests.conftest import run_cli
-from tests.wandb_records import history, summary
+from tests.wandb_records import complete, history, summary
 
 
 class KnownImportance(ContinualPlugin):
@@ -33,7 +33,7 @@ def _run_file(folder: Path) -> Path:
 
 
 def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
-    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2, validation=0.2)
     afmbench.seed_everything(0)
     model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
     plugin = KnownImportance()
@@ -47,6 +47,18 @@ def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
     rows = history(run_file)
     evals = [r for r in rows if "eval/tasks_learned" in r]
     assert [r["eval/tasks_learned"] for r in evals] == [1, 2]
+    # experience-level charts are drawn against the tasks learned, validation curves too
+    defined = {
+        r.metric.glob_name or r.metric.name: r.metric.step_metric
+        for r in complete(run_file)
+        if r.WhichOneof("record_type") == "metric"
+    }
+    for family in ("eval/*", "importance/*", "gates/*", "sparsity/*"):
+        assert defined[family] == "eval/tasks_learned", defined
+    held_out = result.metrics["val_accuracy_matrix"]
+    for i, r in enumerate(evals):
+        assert r["eval/val_avg_acc"] == pytest.approx(np.mean(held_out[i][: i + 1]))
+        assert r["eval/val_acc_task_1"] == pytest.approx(held_out[i][1])
     # the accuracy matrix as a wandb.Table: the last one holds the final matrix
     table = json.loads((media / evals[-1]["eval/accuracy_matrix/path"]).read_text())
     assert table["columns"] == ["after", "task_0", "task_1"]
@@ -75,7 +87,7 @@ def test_offline_run_holds_table_heatmap_histograms_and_summary(tmp_path):
 
 def test_strategy_and_forgetting_layer_histograms_through_the_cli(tmp_path):
     out = run_cli("run", "strategy=ewc", "forgetting=on", "scenario.n_experiences=2", "trainer.max_epochs=1",
-                  f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")  # fmt: skip
+                  f"run_dir={tmp_path}", "trainer.enable_progress_bar=false", "figures=true")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     rows = history(_run_file(tmp_path))
     # EWC's penalty enters training through its closed-form gradient, yet is logged as a
@@ -129,13 +141,23 @@ def test_short_epochs_log_once_each_without_lightning_warning(tmp_path):
         assert float(row["eval/avg_acc"]) == pytest.approx(np.mean(matrix[i][: i + 1]))
 
 
-def test_run_folder_has_the_same_figures_as_pngs(tmp_path):
+def test_figures_are_drawn_on_request_or_later_by_afmbench_plot(tmp_path):
     out = run_cli("run", "logger=none", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("accuracy_matrix.png", "avg_accuracy.png"):
+    assert not (tmp_path / "plots").exists()  # off by default: a short run stays short
+    drawn = run_cli("plot", str(tmp_path))
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    names = ("accuracy_matrix.png", "avg_accuracy.png")
+    assert f"{tmp_path}: {', '.join(names)}" in drawn.stdout
+    for name in names:
         with Image.open(tmp_path / "plots" / name) as image:
             pixels = np.asarray(image.convert("L"), dtype=float)
         assert pixels.std() > 10, f"{name} looks blank"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run_cli("plot", str(empty))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "has no readable metrics.json" in refused.stderr and "fix:" in refused.stderr
 
 
 def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):

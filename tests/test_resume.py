@@ -269,3 +269,59 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
     with pytest.raises(CheckpointError, match="loading it could run code"):
         load_model_weights(torch.nn.Linear(1, 1), ckpt)
     assert not planted.exists()
+
+
+def test_resume_auto_starts_continues_or_keeps_a_run(tmp_path, capsys):
+    """``resume=auto`` is what a sweep spread over several sittings needs: a fresh start in an
+    empty folder, the rest of an interrupted run, and a finished run left as it is."""
+
+    whole = _digits_api_run(tmp_path / "cache", None)
+    fresh = afmbench.run(*_digits_api_parts(tmp_path / "cache"), max_epochs=1, verbose=False,
+                         run_dir=tmp_path / "run", resume="auto", keep_checkpoints=True)  # fmt: skip
+    np.testing.assert_array_equal(fresh.accuracy_matrix, whole.accuracy_matrix)
+    # as a run killed after its second experience leaves its folder
+    for k in (2, 3, 4):
+        (tmp_path / "run" / "checkpoints" / f"experience_{k}.ckpt").unlink()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics.update(status="running", experiences_done=2)
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    continued = _digits_api_run(tmp_path / "cache", tmp_path / "run", resume="auto")
+    np.testing.assert_array_equal(continued.accuracy_matrix, whole.accuracy_matrix)
+    assert continued.metrics["status"] == "finished"
+    # continued, not rerun: the first two experiences' timings come from the checkpoint
+    train_s = continued.metrics["timings"]["train_s"]
+    assert train_s[:2] == fresh.metrics["timings"]["train_s"][:2] and len(train_s) == 5
+
+    record = (tmp_path / "run" / "metrics.json").read_text()
+    capsys.readouterr()
+    kept = afmbench.run(*_digits_api_parts(tmp_path / "cache"), max_epochs=1,
+                        run_dir=tmp_path / "run", resume="auto")  # fmt: skip
+    assert "has finished already: kept (resume=auto)" in capsys.readouterr().out
+    np.testing.assert_array_equal(kept.accuracy_matrix, whole.accuracy_matrix)
+    assert (tmp_path / "run" / "metrics.json").read_text() == record  # not rerun
+
+    with pytest.raises(CheckpointError, match="holds a finished run of another configuration"):
+        afmbench.run(*_digits_api_parts(tmp_path / "cache"), max_epochs=2,
+                     run_dir=tmp_path / "run", resume="auto", verbose=False)  # fmt: skip
+    assert (tmp_path / "run" / "metrics.json").read_text() == record
+
+
+def _digits_api_parts(cache):
+    scenario = afmbench.build_scenario("split_digits", n_experiences=5, cache=str(cache))
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    return scenario, model
+
+
+def test_a_sweep_run_again_with_resume_auto_keeps_its_finished_jobs(tmp_path):
+    args = ("run", "-m", "scenario.n_experiences=2", "trainer.max_epochs=1", "seed=0,1",
+            "logger=none", "resume=auto", f"run_dir={tmp_path / 'sweep'}",
+            f"leaderboard.db={tmp_path / 'board.sqlite'}", "trainer.enable_progress_bar=false")  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = {p: p.read_text() for p in (tmp_path / "sweep").glob("*/metrics.json")}
+    assert len(records) == 2
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("has finished already: kept (resume=auto)") == 2
+    assert {p: p.read_text() for p in records} == records

@@ -4,7 +4,6 @@ runs from their folders."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ from afmbench.leaderboard import (
     push_to_wandb,
     record_run,
     render,
+    select_best,
 )
 from afmbench.loggers import wandb_mode
+from afmbench.run_folder import read_metrics
 
 
 def leaderboard_command(args: list[str]) -> int:
@@ -31,6 +32,19 @@ def leaderboard_command(args: list[str]) -> int:
     )
     parser.add_argument("--scenario", default=None, help="only this scenario")
     parser.add_argument("--format", choices=("table", "markdown", "csv", "html"), default="table")
+    parser.add_argument(
+        "--rank-by",
+        choices=("acc", "val_acc"),
+        default="acc",
+        help="rank by test or validation ACC",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("val_acc",),
+        default=None,
+        help="for each strategy (layer on and off) keep only the configuration with the best mean "
+        "validation ACC over its seeds, and report its test metrics",
+    )
     parser.add_argument(
         "--output", "-o", default=None, help="write to this file instead of printing"
     )
@@ -60,7 +74,14 @@ def leaderboard_command(args: list[str]) -> int:
         raise LeaderboardError(
             f"no leaderboard at {db}", "finish a run first (`afmbench run`) or pass --db PATH"
         )
-    groups = load_groups(db, options.scenario)
+    groups = load_groups(db, options.scenario, options.rank_by)
+    if options.select:
+        groups = select_best(groups, options.select)
+        if not groups:
+            raise LeaderboardError(
+                f"no run on {db} has a validation ACC to select by",
+                "hold out validation data: afmbench run scenario.validation=0.1 ...",
+            )
     if options.scenario and not groups:
         present = sorted({g.scenario for g in load_groups(db)})
         raise LeaderboardError(
@@ -87,14 +108,7 @@ def leaderboard_command(args: list[str]) -> int:
 
 def finished_metrics(folder: Path) -> dict[str, Any]:
     """The ``metrics.json`` of the finished run in ``folder``."""
-    path = folder / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LeaderboardError(
-            f"cannot add {folder}: no readable metrics.json ({exc})",
-            "pass the folder of a run made by `afmbench run`",
-        ) from exc
+    metrics = read_metrics(folder)
     if metrics.get("status") != "finished":
         raise LeaderboardError(
             f"cannot add {folder}: its status is {metrics.get('status')!r}, not 'finished'",

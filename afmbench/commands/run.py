@@ -2,8 +2,8 @@
 
 Before Hydra starts, every override (every combination, in a sweep) is composed and checked,
 so a typo, an unknown name or a wrong type is one line instead of a traceback. Hydra writes
-its record into the run folder before a job starts, so a single run's folder is locked and
-checked here first, and again by the run itself.
+its record into the run folder before a job starts, so a single run's folder is claimed here
+(locked, and refused if it holds another run); the run keeps that claim.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from afmbench.errors import (
     format_warning,
 )
 from afmbench.resume import (
+    AUTO,
     check_resume,
     find_checkpoint,
     resumed_folder,
     run_folder_of,
     with_saved_overrides,
 )
-from afmbench.run_folder import LOCK, check_new_run_dir, holds_run, owned, prepare_run_dir
+from afmbench.run_folder import LOCK, holds_run, owned, prepare_run_dir
 from afmbench.runner import plan
 
 log = logging.getLogger("afmbench")
@@ -53,7 +54,7 @@ MAX_CHECKED_COMBINATIONS = 64
 # The file where a sweep's jobs list the run folders that failed: jobs may run in other
 # processes (a parallel launcher), so the sweep's outcome cannot come from a variable.
 FAILURES_ENV = "AFMBENCH_SWEEP_FAILURES"
-COMMAND_NAMES = ("run", "leaderboard", "probe")
+COMMAND_NAMES = ("run", "leaderboard", "plot", "probe")
 
 
 class _JobStopped(BaseException):
@@ -79,9 +80,9 @@ def run_command(args: list[str]) -> int:
         check_resume(options, overrides)  # before any folder is made for it
     check_overrides(overrides, multirun)
     folder = single_run_folder(options) if not multirun else None
-    with owned(folder) if folder is not None else nullcontext():
-        if folder is not None and options.get("resume", "false").lower() == "false":
-            check_new_run_dir(folder)  # again, now that no other run can start in it
+    new_run = options.get("resume", "false").lower() == "false"
+    # Hydra writes its record into the folder before the run starts: claim it first
+    with owned(folder, new_run) if folder is not None else nullcontext():
         return launch_hydra(route_run_dir(args, multirun), multirun)
 
 
@@ -138,9 +139,7 @@ def check_overrides(overrides: list[str], multirun: bool) -> None:
         cfg = load_config(combination)  # Hydra's composition errors come as one line
         plan(cfg)
         run_dirs.add(cfg.run_dir or "runs")
-        if cfg.run_dir and not multirun and cfg.resume is False:
-            check_new_run_dir(cfg.run_dir)  # before Hydra writes its record into it
-        if cfg.run_dir and multirun and Path(cfg.run_dir).is_dir():
+        if cfg.run_dir and multirun and Path(cfg.run_dir).is_dir() and cfg.resume != AUTO:
             for job in sorted(Path(cfg.run_dir).iterdir()):
                 if holds_run(job):
                     raise ConfigError(

@@ -37,13 +37,20 @@ def scenario_builder(name: str) -> Callable[..., Scenario]:
 
 
 def build_scenario(
-    name: str, root: str | None = None, cache: str | None = None, **params: Any
+    name: str,
+    root: str | None = None,
+    cache: str | None = None,
+    validation: float = 0.0,
+    **params: Any,
 ) -> Scenario:
-    """Build scenario ``name``; ``root``/``cache`` go only to builders that read files."""
+    """Build scenario ``name``; ``root``/``cache`` go only to builders that read files;
+    ``validation`` holds out that fraction of each experience's training data
+    (:meth:`Scenario.with_validation`)."""
     builder = scenario_builder(name)
     accepted = inspect.signature(builder).parameters
     locations = {k: v for k, v in (("root", root), ("cache", cache)) if k in accepted}
-    return builder(**check_params(params, builder, "scenario", skip=()), **locations)
+    scenario = builder(**check_params(params, builder, "scenario", skip=()), **locations)
+    return scenario.with_validation(validation)
 
 
 __all__ = [

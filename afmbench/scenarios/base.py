@@ -8,7 +8,7 @@ sets sit in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -36,6 +36,62 @@ class MemoryStore:
 
     def load(self, split: str, index: int) -> Split:
         return self.tensors[(split, index)]
+
+
+@dataclass
+class HeldOut:
+    """A store whose training splits give up a ``fraction`` of each class to a validation split.
+
+    The held-out samples are chosen per class (stratified) by a generator seeded from ``seed``
+    and the experience, so every run of a seed holds out the same ones and trains on none of
+    them; test splits pass through unchanged."""
+
+    inner: TensorStore
+    fraction: float
+    seed: int
+    _chosen: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+    def load(self, split: str, index: int) -> Split:
+        if split == "test":
+            return self.inner.load("test", index)
+        x, y, t = self.inner.load("train", index)
+        if index not in self._chosen:
+            self._chosen[index] = stratified_holdout(y, self.fraction, self.seed, index)
+        keep, held = self._chosen[index]
+        rows = keep if split == "train" else held
+        return x[rows], y[rows], t[rows]
+
+
+def stratified_holdout(
+    y: Tensor, fraction: float, seed: int, experience: int
+) -> tuple[Tensor, Tensor]:
+    """Indices ``(kept, held out)`` of ``y``: round(``fraction`` x count) of every class held
+    out, drawn at random from ``(seed, experience)``; both sorted, so training order is the
+    data's own."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + experience)
+    held = []
+    for label in torch.unique(y).tolist():
+        members = torch.nonzero(y == label).flatten()
+        order = members[torch.randperm(len(members), generator=generator)]
+        held.append(order[: round(fraction * len(members))])
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    if held:
+        mask[torch.cat(held)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def check_validation(fraction: object) -> float:
+    """``scenario.validation`` as a float in [0, 1), or a one-line error."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 <= fraction < 1
+    ):
+        raise ConfigError(
+            f"scenario.validation must be a fraction in [0, 1), got {fraction!r}",
+            "e.g. scenario.validation=0.1 (0 holds out nothing)",
+        )
+    return float(fraction)
 
 
 @dataclass(frozen=True)
@@ -80,6 +136,30 @@ class Scenario:
     def test(self, index: int) -> Split:
         """Test tensors of experience ``index``."""
         return self.store.load("test", index)
+
+    @property
+    def validation_fraction(self) -> float:
+        """The share of each experience's training data held out for validation (0: none)."""
+        return float(self.params.get("validation", 0.0))
+
+    def validation(self, index: int) -> Split:
+        """Held-out validation tensors of experience ``index`` (see :meth:`with_validation`)."""
+        if not self.validation_fraction:
+            raise ValueError(f"scenario {self.name} holds out no validation data")
+        return self.store.load("val", index)
+
+    def with_validation(self, fraction: float, seed: int | None = None) -> Scenario:
+        """This scenario with ``fraction`` of every class of every experience's training data
+        held out as its validation split, never trained on; ``seed`` (default: the scenario's)
+        fixes which samples."""
+        fraction = check_validation(fraction)
+        if not fraction:
+            return self
+        if self.validation_fraction:
+            raise ValueError(f"scenario {self.name} already holds out validation data")
+        seed = int(self.params.get("seed", 0) if seed is None else seed)
+        return replace(self, store=HeldOut(self.store, fraction, seed),
+                       params={**self.params, "validation": fraction})  # fmt: skip
 
     def joint_train(self) -> Split:
         """Every experience's training data in one split (the ``joint`` upper bound)."""

@@ -1,0 +1,190 @@
+"""Published tables reproduced at their protocols, over seeds: collect a suite's runs, compare.
+
+A suite is a ready experiment (``afmbench/configs/experiment/<suite>.yaml``) whose sweep runs
+every arm (a method at the paper's settings, ``afmbench/configs/arm/<suite>/``) over seeds,
+each into ``runs/suites/<suite>/<arm>_seed<n>``, with ``resume=auto``: running the sweep again
+keeps the finished runs and continues the interrupted ones.
+
+    afmbench run -m experiment=hsu2018_split_mnist_task     # hours of CPU: rerun to continue
+    python benchmarks/published.py collect                  # run folders -> results/<suite>.jsonl
+    python benchmarks/published.py table                    # results/*.jsonl -> PUBLISHED.md
+
+``collect`` merges what the run folders hold into the committed results files (one JSON line
+per run: its metrics and the command that reruns it), so results survive the run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from generated import write_block
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PAGE = HERE / "PUBLISHED.md"
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published figure: ACC in percent, its spread, of what kind, over how many runs."""
+
+    method: str
+    mean: float
+    spread: float | None
+    kind: str  # "sd" (sample), "pop-sd" (numpy's std, n in the denominator) or "sem"
+    n: int | None
+
+    @property
+    def sd(self) -> float | None:
+        """The spread as a sample standard deviation."""
+        if self.spread is None or not self.n:
+            return self.spread
+        factor = {"sem": math.sqrt(self.n), "pop-sd": math.sqrt(self.n / (self.n - 1))}
+        return self.spread * factor.get(self.kind, 1.0)
+
+
+def _hsu(method: str, mean: float, sd: float) -> Published:
+    return Published(method, mean, sd, "pop-sd", 10)
+
+
+# suite -> (where the figures stand, {arm: published figure}); arms not listed are ours alone.
+PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
+    "hsu2018_split_mnist_task": (
+        "Hsu et al. 2018 (arXiv 1810.12488), Table 2, incremental task column; the authors' "
+        "repository GT-RIPL/Continual-Learning-Benchmark keeps it as fig/results_split_mnist.png. "
+        "Mean ± numpy std (population) of 10 unseeded runs (iBatchLearn.py).",
+        {
+            "hsu2018/adam": _hsu("Adam (naive)", 93.46, 2.01),
+            "hsu2018/sgd": _hsu("SGD (naive)", 97.98, 0.09),
+            "hsu2018/ewc": _hsu("EWC", 97.70, 0.81),
+            "hsu2018/online_ewc": _hsu("online EWC", 98.04, 1.10),
+            "hsu2018/si": _hsu("SI", 98.56, 0.49),
+            "hsu2018/mas": _hsu("MAS", 99.22, 0.21),
+            "hsu2018/offline": _hsu("offline (joint)", 99.52, 0.16),
+        },
+    ),
+    "vandeven2019_split_mnist": (
+        "van de Ven & Tolias 2019 (arXiv 1904.07734), Split MNIST; figures as given to us, **not "
+        "confirmed at the source** (the paper's text could not be reached here; their repository "
+        "holds no table), and without the paper's spread, so only ours bounds the difference.",
+        {
+            "vandeven2019_split_mnist/task_none": Published(
+                "task-IL none", 87.19, None, "sem", None
+            ),
+            "vandeven2019_split_mnist/task_ewc": Published("task-IL EWC", 98.64, None, "sem", None),
+            "vandeven2019_split_mnist/task_online_ewc": Published(
+                "task-IL online EWC", 99.12, None, "sem", None
+            ),
+            "vandeven2019_split_mnist/task_si": Published("task-IL SI", 99.09, None, "sem", None),
+            "vandeven2019_split_mnist/domain_none": Published(
+                "domain-IL none", 59.21, None, "sem", None
+            ),
+            "vandeven2019_split_mnist/domain_ewc": Published(
+                "domain-IL EWC", 63.95, None, "sem", None
+            ),
+            "vandeven2019_split_mnist/domain_online_ewc": Published(
+                "domain-IL online EWC", 64.32, None, "sem", None
+            ),
+            "vandeven2019_split_mnist/domain_si": Published(
+                "domain-IL SI", 65.36, None, "sem", None
+            ),
+        },
+    ),
+}
+
+
+def collect(runs: Path) -> list[str]:
+    """Merge every run folder under ``runs/<suite>/`` into ``results/<suite>.jsonl``."""
+    RESULTS.mkdir(exist_ok=True)
+    written = []
+    for suite_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
+        path = RESULTS / f"{suite_dir.name}.jsonl"
+        rows = {(r["arm"], r["seed"]): r for r in read(path)}
+        for metrics_file in sorted(suite_dir.glob("*/metrics.json")):
+            metrics = json.loads(metrics_file.read_text())
+            if metrics.get("status") != "finished":
+                continue
+            arm = f"{suite_dir.name}/{metrics_file.parent.name.rsplit('_seed', 1)[0]}"
+            rows[(arm, metrics["seed"])] = {
+                "arm": arm,
+                "seed": metrics["seed"],
+                "acc": metrics["acc"],
+                "bwt": metrics["bwt"],
+                "val_acc": metrics.get("val_acc"),
+                "final_accuracy_per_task": metrics["accuracy_matrix"][-1],
+                "minutes": (metrics["train_time_s"] + metrics["eval_time_s"]) / 60,
+                "config_hash": metrics["config_hash"],
+                "command": f"afmbench run experiment={suite_dir.name} arm={arm} "
+                f"seed={metrics['seed']}",
+            }
+        lines = [json.dumps(rows[k], sort_keys=True) for k in sorted(rows)]
+        path.write_text("".join(f"{line}\n" for line in lines))
+        written.append(f"{path.name}: {len(lines)} runs")
+    return written
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def table(suite: str) -> str:
+    """The comparison table of ``suite``: one row per arm."""
+    source, figures = PUBLISHED.get(suite, ("", {}))
+    by_arm: dict[str, list[dict]] = {}
+    for row in read(RESULTS / f"{suite}.jsonl"):
+        by_arm.setdefault(row["arm"], []).append(row)
+    lines = [
+        f"Command: `afmbench run -m experiment={suite}`, then `python benchmarks/published.py "
+        f"collect table`. Published: {source}",
+        "",
+        "| method | published | afmbench (n seeds) | difference | within the spread? | "
+        "minutes per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    order = list(figures)
+    for arm in sorted(set(figures) | set(by_arm),
+                      key=lambda a: (order.index(a) if a in order else len(order), a)):  # fmt: skip
+        runs = by_arm.get(arm, [])
+        paper = figures.get(arm)
+        accs = [100 * r["acc"] for r in runs]
+        mean = statistics.fmean(accs) if accs else None
+        sd = statistics.stdev(accs) if len(accs) > 1 else None
+        ours = "not run yet" if mean is None else f"{mean:.2f} ± {sd or 0:.2f} ({len(accs)})"
+        if paper is None:
+            published, diff, within = "-", "-", "-"
+        else:
+            published = f"{paper.mean:.2f}" + (
+                f" ± {paper.spread:.2f} ({paper.kind}, n={paper.n})" if paper.spread else ""
+            )
+            diff = "-" if mean is None else f"{mean - paper.mean:+.2f}"
+            bound = 2 * max(paper.sd or 0.0, sd or 0.0)
+            within = "-" if mean is None else ("yes" if abs(mean - paper.mean) <= bound else "no")
+        minutes = f"{statistics.fmean(r['minutes'] for r in runs):.1f}" if runs else "-"
+        label = paper.method if paper else arm.split("/", 1)[1]
+        lines.append(f"| {label} | {published} | {ours} | {diff} | {within} | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("steps", nargs="+", choices=("collect", "table"))
+    parser.add_argument("--runs", default="runs/suites", help="the suites' run folders")
+    options = parser.parse_args()
+    if "collect" in options.steps:
+        for line in collect(Path(options.runs)):
+            print(line)
+    if "table" in options.steps:
+        suites = sorted({p.stem for p in RESULTS.glob("*.jsonl")} | set(PUBLISHED))
+        for suite in suites:
+            write_block(PAGE, suite, table(suite))
+        print(f"wrote {PAGE} ({', '.join(suites)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
