@@ -59,13 +59,13 @@ PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
         "repository GT-RIPL/Continual-Learning-Benchmark keeps it as fig/results_split_mnist.png. "
         "Mean ± numpy std (population) of 10 unseeded runs (iBatchLearn.py).",
         {
-            "hsu2018/adam": _hsu("Adam (naive)", 93.46, 2.01),
-            "hsu2018/sgd": _hsu("SGD (naive)", 97.98, 0.09),
-            "hsu2018/ewc": _hsu("EWC", 97.70, 0.81),
-            "hsu2018/online_ewc": _hsu("online EWC", 98.04, 1.10),
-            "hsu2018/si": _hsu("SI", 98.56, 0.49),
-            "hsu2018/mas": _hsu("MAS", 99.22, 0.21),
-            "hsu2018/offline": _hsu("offline (joint)", 99.52, 0.16),
+            "hsu2018_split_mnist_task/adam": _hsu("Adam (naive)", 93.46, 2.01),
+            "hsu2018_split_mnist_task/sgd": _hsu("SGD (naive)", 97.98, 0.09),
+            "hsu2018_split_mnist_task/ewc": _hsu("EWC", 97.70, 0.81),
+            "hsu2018_split_mnist_task/online_ewc": _hsu("online EWC", 98.04, 1.10),
+            "hsu2018_split_mnist_task/si": _hsu("SI", 98.56, 0.49),
+            "hsu2018_split_mnist_task/mas": _hsu("MAS", 99.22, 0.21),
+            "hsu2018_split_mnist_task/offline": _hsu("offline (joint)", 99.52, 0.16),
         },
     ),
     "vandeven2019_split_mnist": (
