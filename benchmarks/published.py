@@ -95,6 +95,19 @@ PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
             ),
         },
     ),
+    "vandeven2019_permuted_mnist": (
+        "van de Ven & Tolias 2019 (arXiv 1904.07734), Permuted MNIST, domain-incremental; as "
+        "given to us, **not confirmed at the source**, without the paper's spread.",
+        {
+            f"vandeven2019_permuted_mnist/{arm}": Published(label, mean, None, "sem", None)
+            for arm, label, mean in (
+                ("none", "none", 78.51),
+                ("ewc", "EWC", 94.31),
+                ("online_ewc", "online EWC", 94.42),
+                ("si", "SI", 95.33),
+            )
+        },
+    ),
 }
 
 

@@ -61,6 +61,8 @@ def test_hsu2018_strengths_are_the_authors_converted():
 def test_vandeven2019_counts_iterations_per_task():
     cfg = load_config(["experiment=vandeven2019_split_mnist"])
     assert cfg.trainer.max_epochs == -1 and cfg.trainer.max_steps == 2000
+    permuted = load_config(["experiment=vandeven2019_permuted_mnist"])
+    assert permuted.trainer.max_steps == 5000 and permuted.optimizer.lr == 0.0001
     protocols = {
         str(load_config(["experiment=vandeven2019_split_mnist", f"arm={arm}"]).scenario.protocol)
         for arm in _arms("vandeven2019_split_mnist")
