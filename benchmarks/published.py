@@ -167,7 +167,11 @@ def table(suite: str) -> str:
         accs = [100 * r["acc"] for r in runs]
         mean = statistics.fmean(accs) if accs else None
         sd = statistics.stdev(accs) if len(accs) > 1 else None
-        ours = "not run yet" if mean is None else f"{mean:.2f} ± {sd or 0:.2f} ({len(accs)})"
+        ours = (
+            "not run yet"
+            if mean is None
+            else f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" ({len(accs)})"
+        )
         if paper is None:
             published, diff, within = "-", "-", "-"
         else:
@@ -176,7 +180,10 @@ def table(suite: str) -> str:
             )
             diff = "-" if mean is None else f"{mean - paper.mean:+.2f}"
             bound = 2 * max(paper.sd or 0.0, sd or 0.0)
-            within = "-" if mean is None else ("yes" if abs(mean - paper.mean) <= bound else "no")
+            if mean is None or not bound:  # no spread on either side to judge by
+                within = "-" if mean is None else "no spread to judge by"
+            else:
+                within = "yes" if abs(mean - paper.mean) <= bound else "no"
         minutes = f"{statistics.fmean(r['minutes'] for r in runs):.1f}" if runs else "-"
         label = paper.method if paper else arm.split("/", 1)[1]
         lines.append(f"| {label} | {published} | {ours} | {diff} | {within} | {minutes} |")
