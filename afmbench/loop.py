@@ -68,7 +68,7 @@ class ExperienceLoop:
         self.settings, self.book, self.logger = settings, book, logger
         self.steps = 1 if settings.joint else scenario.n_experiences
         # every test set, then every validation split: evaluation loader j is column j
-        self.tests = [
+        self.eval_loaders = [
             TensorLoader(split(j), settings.eval_batch_size)
             for split in ([scenario.test, scenario.validation] if module.has_validation
                           else [scenario.test])
@@ -188,7 +188,7 @@ class ExperienceLoop:
 
     def _validate(self, row: int) -> np.ndarray:
         self.module.eval_row = row
-        self.trainer.validate(self.module, dataloaders=self.tests, verbose=False)
+        self.trainer.validate(self.module, dataloaders=self.eval_loaders, verbose=False)
         return self.module.accuracies(row)[0]
 
     def _warn_if_unlearned(self, step: int, accuracy: float, untrained: float) -> None:

@@ -83,7 +83,6 @@ class RunReporter:
     ) -> None:
         self.folder = folder
         self.figures = figures
-        self.first_step: int | None = None  # the first experience reported by this process
         self.logger = logger if isinstance(logger, WandbLogger) else None
         self.scalars_logger = logger  # any Lightning logger (CSV too) gets the scalars
         self.joint = joint
@@ -102,8 +101,6 @@ class RunReporter:
     ) -> None:
         """Log experience ``step``'s results: its row of the test (and validation) accuracy
         matrix, the average accuracy so far, and the plugins' histograms."""
-        if self.first_step is None:
-            self.first_step = step
         self.importance.append(importance_histograms(plugins))
         self.gates.append(gate_histograms(plugins))
         self.sparsity = layer_sparsity(plugins)
@@ -127,7 +124,7 @@ class RunReporter:
 
         from afmbench import plots  # matplotlib, only for W&B's heatmap
 
-        if step == self.first_step:
+        if len(self.importance) == 1:  # this process's first report (a resumed run's too)
             define_task_axis(self.logger.experiment)
         edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
         data: dict[str, Any] = {
