@@ -60,6 +60,9 @@ def run(
     resume: bool | str | Path = False,
     leaderboard: str | Path | None = None,
     verbose: bool = True,
+    augment: str | None = None,
+    resident: bool | None = None,
+    pass_memory_mb: float = 256.0,
 ) -> RunResult:
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
 
@@ -69,14 +72,17 @@ def run(
     checkpoint path) continues an interrupted run after its last complete experience; the
     result equals that of an uninterrupted run. ``resume="auto"`` keeps a finished run in
     ``run_dir``, continues an interrupted one, and otherwise starts afresh. A finished run is added to the SQLite
-    ``leaderboard`` file when one is given.
+    ``leaderboard`` file when one is given. ``augment="crop_flip"`` augments training batches;
+    ``resident`` holds each experience's data on the device (None: on CUDA devices only);
+    ``pass_memory_mb`` bounds the working memory of per-sample importance passes.
     """
     plugins = check_inputs(scenario, model, plugins)
     if not isinstance(figures, bool):
         raise ConfigError(f"figures must be True or False, got {figures!r}", "e.g. figures=True")
     trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
     check_loop_options(max_epochs, batch_size, eval_batch_size, trainer_kwargs)
-    settings = LoopSettings(joint, batch_size, eval_batch_size, seed, trainer_kwargs, verbose)
+    settings = LoopSettings(joint, batch_size, eval_batch_size, seed, trainer_kwargs, verbose,
+                            augment, resident, float(pass_memory_mb))  # fmt: skip
     return start(
         scenario, model, plugins, settings, optimizer or OptimizerConfig(), run_dir,
         lambda _folder: logger, resume=resume, leaderboard=leaderboard,
@@ -102,7 +108,7 @@ def start(
     """Run checked inputs end to end. ``config`` is the command line's resolved configuration
     (kept as ``config.yaml`` and logged as the hyperparameters)."""
     identity = run_identity(scenario, model, plugins, settings.joint, optimizer,
-                            settings.batch_size, settings.trainer_kwargs)  # fmt: skip
+                            settings.batch_size, settings.trainer_kwargs, settings.augment)  # fmt: skip
     record = {
         "scenario": scenario.name,
         "protocol": scenario.protocol,

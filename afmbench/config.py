@@ -8,6 +8,7 @@ runs, and no schema is written twice.
 
 from __future__ import annotations
 
+import bisect
 import collections.abc
 import copy
 import difflib
@@ -43,6 +44,8 @@ NON_IDENTITY_KEYS = (
     "data.root",
     "data.cache",
     "data.eval_batch_size",
+    "data.resident",
+    "data.pass_memory_mb",
     "trainer.enable_progress_bar",
     "trainer.accelerator",
     "trainer.strategy",
@@ -61,7 +64,9 @@ class OptimizerConfig:
     """What trains the model within each experience.
 
     ``reset_between_experiences`` rebuilds the optimizer (dropping momentum / Adam moments)
-    at the start of every experience.
+    at the start of every experience. ``lr_milestones`` multiplies the learning rate by
+    ``lr_gamma`` from each of those epochs of every experience on (counted from 0), as
+    ``torch.optim``'s ``MultiStepLR`` stepped once an epoch from the experience's start.
     """
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
@@ -70,6 +75,8 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     reset_between_experiences: bool = True
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
 
     def __post_init__(self) -> None:
         coerce_fields(self, "optimizer")
@@ -80,6 +87,21 @@ class OptimizerConfig:
             f"optimizer.weight_decay={self.weight_decay} must be >= 0",
             "e.g. 0",
         )
+        steps = self.lr_milestones
+        require(
+            all(m > 0 for m in steps) and list(steps) == sorted(set(steps)),
+            f"optimizer.lr_milestones={list(steps)} must be increasing positive epochs",
+            "e.g. optimizer.lr_milestones=[35,45]",
+        )
+        require(
+            0 < self.lr_gamma <= 1,
+            f"optimizer.lr_gamma={self.lr_gamma} must be in (0, 1]",
+            "e.g. optimizer.lr_gamma=0.1",
+        )
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of an experience's ``epoch`` (counted from 0)."""
+        return self.lr * self.lr_gamma ** bisect.bisect_right(self.lr_milestones, epoch)
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,9 @@ class DataConfig:
     cache: str | None = None
     batch_size: int = 32
     eval_batch_size: int = 1024
+    augment: str | None = None  # crop_flip: training batches only
+    resident: bool | None = None  # data on the device once; null: on CUDA devices
+    pass_memory_mb: float = 256.0  # working memory of per-sample importance passes
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # sizes are checked with the loop's (check_loop_options)

@@ -2,7 +2,7 @@
 
 The hash covers what a run computes: the scenario and its parameters (not its seed), the
 model's architecture, every plugin's class and constructor arguments, joint training, the
-optimizer, the batch size and the trainer options that change the arithmetic. It leaves out
+optimizer, the batch size, the augmentation and the trainer options that change the arithmetic. It leaves out
 the seed and where or how verbosely the run goes. Runs that share it are one configuration on
 the leaderboard (their seeds are grouped), and a resumed run must match it. Nothing in it
 comes from ``repr`` of an object, so it is the same in every process.
@@ -37,8 +37,10 @@ def run_identity(
     optimizer: OptimizerConfig,
     batch_size: int,
     trainer_kwargs: dict[str, Any],
+    augment: str | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes what the run computes, as plain JSON-ready values."""
+    """Everything that changes what the run computes, as plain JSON-ready values (an
+    augmentation only when there is one, so runs without keep the hash they had)."""
     defaults = trainer_defaults()
     return {
         "scenario": {
@@ -48,14 +50,24 @@ def run_identity(
         "model": model_identity(model),
         "plugins": [p.identity() for p in plugins],
         "joint": joint,
-        "optimizer": dataclasses.asdict(optimizer),
+        "optimizer": optimizer_identity(optimizer),
         "batch_size": batch_size,
         "trainer": {
             k: v
             for k, v in trainer_kwargs.items()
             if k not in PLACEMENT and not (k in defaults and defaults[k] == v)
         },
+        **({"augment": augment} if augment else {}),
     }
+
+
+def optimizer_identity(optimizer: OptimizerConfig) -> dict[str, Any]:
+    """The optimizer's settings; a learning-rate schedule only when there is one, so runs
+    without keep the hash they had."""
+    settings = dataclasses.asdict(optimizer)
+    if not optimizer.lr_milestones:
+        del settings["lr_milestones"], settings["lr_gamma"]
+    return settings
 
 
 def config_hash(identity: dict[str, Any]) -> str:

@@ -3,6 +3,9 @@
 A ``DataLoader`` over a ``TensorDataset`` indexes and collates one sample at a time, which on a
 small model costs as much as the training step. :class:`TensorLoader` gathers a whole batch
 with one index tensor instead. Lightning accepts it like any iterable loader.
+
+On a GPU the loader can hold its tensors there (:meth:`TensorLoader.resident`): they move
+once, batches are gathered on the device, and no host-to-device copy happens per step.
 """
 
 from __future__ import annotations
@@ -48,12 +51,32 @@ class TensorLoader:
         self.pad = shuffle if pad is None else pad
         self.shard = shard
         self.epoch = 0
+        # resident on a device: the inputs as uint8 codes into their channels' table of values
+        # (the table, the codes, each channel's offset into the table), or None
+        self._codes: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def resident(self, device: torch.device | str) -> TensorLoader:
+        """Move the tensors to ``device`` once (in place; returns the loader). Inputs with at
+        most 256 distinct values per channel (8-bit images, normalized per channel or not) are
+        kept as uint8 codes into a table of each channel's values, a quarter of float32's
+        memory, and decoded per batch exactly."""
+        device = torch.device(device)
+        x, *rest = (t.to(device) for t in self.tensors)
+        if x.is_floating_point() and x.dim() >= 2 and len(x):
+            self._codes = _channel_codes(x)
+            if self._codes is not None:
+                x = x[:0]  # the float copy is not kept; shape and dtype stay known
+        self.tensors = (x, *rest)
+        return self
 
     def _rank_and_world(self) -> tuple[int, int]:
         return _rank_and_world() if self.shard else (0, 1)
 
+    def _rows(self) -> int:
+        return len(self._codes[1]) if self._codes is not None else len(self.tensors[0])
+
     def _indices(self) -> Tensor:
-        n = len(self.tensors[0])
+        n = self._rows()
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=generator)
@@ -67,14 +90,36 @@ class TensorLoader:
         return order
 
     def __len__(self) -> int:
-        n = len(self.tensors[0])
+        n = self._rows()
         rank, world = self._rank_and_world()
         local = -(-n // world) if self.pad else len(range(rank, n, world))
         return -(-local // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        order = self._indices()
+        order = self._indices().to(self.tensors[-1].device)  # one copy an epoch, if any
         self.epoch += 1
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
-            yield tuple(t[index] for t in self.tensors)
+            if self._codes is None:
+                yield tuple(t[index] for t in self.tensors)
+            else:
+                table, codes, offsets = self._codes
+                x = table[codes[index].int() + offsets]
+                yield (x, *(t[index] for t in self.tensors[1:]))
+
+
+def _channel_codes(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``x`` (samples, channels, ...) as one table of 256 values per channel, uint8 codes
+    into it and each channel's offset (shaped to broadcast over the codes); None where a
+    channel has more than 256 distinct values."""
+    channels = x.shape[1]
+    table = torch.zeros(channels, 256, dtype=x.dtype, device=x.device)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for c in range(channels):
+        values, inverse = torch.unique(x[:, c], return_inverse=True)
+        if len(values) > 256:
+            return None
+        table[c, : len(values)] = values
+        codes[:, c] = inverse.to(torch.uint8)
+    offsets = (torch.arange(channels, device=x.device) * 256).view(1, channels, *[1] * (x.dim() - 2))
+    return table.flatten(), codes, offsets

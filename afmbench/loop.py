@@ -20,6 +20,7 @@ import numpy as np
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from afmbench.augment import make_augmentation
 from afmbench.errors import AfmbenchWarning
 from afmbench.loader import TensorLoader
 from afmbench.module import ContinualModule
@@ -44,6 +45,10 @@ class LoopSettings:
     seed: int = 0
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # max_epochs included
     verbose: bool = True
+    augment: str | None = None  # training batches only (afmbench.augment)
+    # hold each experience's data on the device: None on CUDA devices only, True forces it
+    resident: bool | None = None
+    pass_memory_mb: float = 256.0  # working-memory bound of per-sample importance passes
 
 
 def experience_seed(seed: int, step: int) -> int:
@@ -76,6 +81,8 @@ class ExperienceLoop:
         ]  # fmt: skip
         self.progress = ExperienceProgressBar(self.steps)
         self.trainer: Trainer | None = None
+        module.augment = make_augmentation(settings.augment, tuple(scenario.input_shape))
+        module.seed, module.pass_memory_mb = settings.seed, settings.pass_memory_mb
 
     def train(
         self, resume: dict[str, Any] | None = None, resume_from: Path | None = None
@@ -88,6 +95,8 @@ class ExperienceLoop:
         ):
             self.trainer = self.make_trainer()
             chatter.quiet()  # Lightning's announcement of the accelerator: once
+            for loader in self.eval_loaders:
+                self._place(loader)
             self.start(resume, resume_from)
             try:
                 for step in range(self.book.done, self.steps):
@@ -138,6 +147,7 @@ class ExperienceLoop:
         seed_everything(seed, verbose=False)
         loader = TensorLoader(split, self.settings.batch_size, shuffle=True, seed=seed)
         self.trainer = self.make_trainer(len(loader))
+        self._place(loader)
         started = time.perf_counter()
         self.trainer.fit(self.module, train_dataloaders=loader)
         self.book.train_s.append(time.perf_counter() - started)
@@ -177,6 +187,14 @@ class ExperienceLoop:
             default_root_dir=str(folder) if folder else None,
             **kwargs,
         )
+
+    def _place(self, loader: TensorLoader) -> None:
+        """Make ``loader`` resident on the trainer's device where the settings ask for it
+        (by default on CUDA only: on the CPU the data is already where the model is)."""
+        device = self.trainer.strategy.root_device
+        resident = self.settings.resident
+        if resident or (resident is None and device.type == "cuda"):
+            loader.resident(device)
 
     @property
     def is_global_zero(self) -> bool:

@@ -174,6 +174,86 @@ def vgg_small(
     return _dense_top(layers, c_in * math.prod(size), hidden, activation, dropout, head_sizes)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block without its output activation: ``norm(conv(act(norm(conv(x))))) +
+    shortcut(x)``. The activation follows the block as a child of the body of its own, so the
+    forgetting layer and per-layer statistics find it like any other hidden activation."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, activation: str) -> None:
+        super().__init__()
+        self.out_channels = c_out
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.norm1 = _norm(norm, c_out)
+        self.act = _activation(activation)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        self.norm2 = _norm(norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:  # a 1x1 projection where the shape changes
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(norm, c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        return out + self.shortcut(x)
+
+
+NORMS = ("batch", "group")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm with gcd(channels / 2, 32) groups: 32 from 64 channels on (the
+    standard widths), and at least two channels a group, so a 1x1 feature map still normalizes."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(max(channels // 2, 1), 32), channels)
+
+
+def resnet18(
+    input_shape: Sequence[int],
+    head_sizes: Sequence[int],
+    width: int = 20,
+    norm: str = "batch",
+    activation: str = "relu",
+) -> ContinualModel:
+    """The reduced ResNet-18 of continual-learning work on 32x32 images: a 3x3 stem without
+    max-pool, four stages of two basic blocks (widths ``width`` x 1, 2, 4, 8; strides 1, 2, 2,
+    2), global average pooling. ``width=20`` is the slim network of GEM, Mammoth and
+    Avalanche's ``SlimResNet18``; ``width=64`` the standard one.
+
+    ``norm=batch`` keeps running statistics that every experience's training moves, for the
+    old tasks too (nothing consolidates them); evaluation and importance passes use them in
+    eval mode. ``norm=group`` has no running statistics.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"unknown model.norm '{norm}'", f"use one of {', '.join(NORMS)}")
+    if int(width) < 1:
+        raise ConfigError(f"model.width={width} must be positive", "e.g. model.width=20")
+    if len(input_shape) != 3 or min(input_shape[1:]) < 8:
+        raise ConfigError(
+            f"model=resnet18 takes images (channels, height, width) of at least 8x8 "
+            f"(32x32 as in CIFAR), not inputs of shape {tuple(input_shape)}",
+            "use a CIFAR scenario, or model=mlp for flat or small inputs",
+        )
+    width = int(width)
+    layers: list[nn.Module] = [
+        nn.Conv2d(input_shape[0], width, 3, 1, padding=1, bias=False),
+        _norm(norm, width),
+        _activation(activation),
+    ]
+    c_in = width
+    for stage, stride in enumerate((1, 2, 2, 2)):
+        c_out = width * 2**stage
+        for block in range(2):
+            layers += [
+                BasicBlock(c_in, c_out, stride if block == 0 else 1, norm, activation),
+                _activation(activation),
+            ]
+            c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return ContinualModel(nn.Sequential(*layers), MultiHead(c_in, head_sizes))
+
+
 def _dense_top(layers, width, hidden, activation, dropout, head_sizes) -> ContinualModel:
     """``layers`` (``width`` features out), then dense hidden layers and the multi-head output."""
     if width < 1:
@@ -200,6 +280,7 @@ MODELS: dict[str, Callable[..., ContinualModel]] = {
     "lenet": lenet,
     "si_cnn": si_cnn,
     "vgg_small": vgg_small,
+    "resnet18": resnet18,
 }
 
 

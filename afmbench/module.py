@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from afmbench.augment import CropFlip
 from afmbench.config import OptimizerConfig
 from afmbench.errors import DivergenceError
 from afmbench.loader import TensorLoader
@@ -33,6 +34,10 @@ class ContinualModule(LightningModule):
     gradient, see :meth:`loss`). The experience loop sets :attr:`experience`,
     :attr:`task_id` and :attr:`train_split` before each fit and :attr:`eval_row` before each
     evaluation; plugins read them (and :meth:`batches`) in their hooks.
+
+    With :attr:`augment` set, training batches (and only they) are augmented on the device,
+    drawn from ``(seed, experience, epoch)``. :attr:`pass_memory_mb` bounds the working memory
+    of per-sample importance passes (see :func:`afmbench.persample.per_sample_grad_sums`).
     """
 
     def __init__(
@@ -62,6 +67,9 @@ class ContinualModule(LightningModule):
         self.loop_state: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._epoch_params: dict[str, Tensor] | None = None
+        self.augment: CropFlip | None = None
+        self.seed = 0
+        self.pass_memory_mb = 256.0
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning records the hook it is in (``_current_fx_name``) before and after every
@@ -243,6 +251,18 @@ class ContinualModule(LightningModule):
         # after the callbacks' epoch start, where e.g. a fine-tuning callback may (un)freeze
         self._epoch_params = named_parameters(self.model)
         self._start_step()
+        if self.optimizer_config.lr_milestones and self._optimizer is not None:
+            for group in self._optimizer.param_groups:
+                group["lr"] = self.optimizer_config.lr_at(self.current_epoch)
+        if self.augment is not None:
+            self.augment.start_epoch(self.seed, self.experience, self.current_epoch, self.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches, once on the device, augmented (evaluation's never are)."""
+        if self.augment is None or self._trainer is None or not self.trainer.training:
+            return batch
+        x, *rest = batch
+        return (self.augment(x), *rest)
 
     def on_train_epoch_end(self) -> None:
         self._epoch_params = None

@@ -9,12 +9,20 @@ compute the same sums:
   ``Σ_i Σ_k φ(δ_ik a_iᵀ) = (Σ_k φ(δ_k))ᵀ φ(a)``: one matmul per layer, no per-sample gradient
   is ever formed. ``a`` is captured by a forward hook and ``δ_k`` by differentiating the batch
   sum of column k with respect to the layer's output (one backward pass per column).
-- **Modules that know their own per-sample gradient** (the forgetting layer's switches): a
-  module with a ``per_sample_grads(input, grad_output)`` method returns, for each of its
-  parameters, the per-sample gradients given the gradient of its output, captured the same way.
-- **Everything else** (convolutions, any other parameter): ``torch.func`` — ``vmap`` over
-  samples of ``jacrev`` of ``functional_call`` — in chunks, so memory stays at
-  ``chunk_size × K × parameters``.
+- **Modules whose per-sample gradient has a closed form**, given the input ``a_i`` and the
+  gradient of the output ``δ_i`` captured the same way: a module with a
+  ``per_sample_grads(input, grad_output)`` method (the forgetting layer's switches), and
+  :data:`RULES` for convolutions (``δ_i`` times the unfolded input, one batched matmul) and
+  normalization layers in eval mode (``Σ_positions δ_i · â_i`` for the scale, with ``â`` the
+  normalized input, and ``Σ_positions δ_i`` for the shift). Their per-sample gradients are
+  formed one layer at a time.
+- **Everything else** (convolutions, normalization layers, any other parameter):
+  ``torch.func`` — ``vmap`` over samples of ``jacrev`` of ``functional_call``, which holds
+  ``K × parameters`` per sample. Batch norm must be in eval mode there (running statistics:
+  samples stay independent), as every importance pass runs.
+
+Samples go through in chunks sized to a memory bound (:func:`bounded_chunk`), so a pass over
+a ResNet needs a few hundred MB whatever the batch size.
 
 ``method="auto"`` takes the fast paths for every layer that saw exactly one call with one row
 per sample, and the general path for the remaining parameters.
@@ -22,10 +30,12 @@ per sample, and the general path for the remaining parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -49,26 +59,102 @@ def per_sample_grad_sums(
     inputs: tuple[Tensor, ...],
     reduction: Reduction = "square",
     method: Method = "auto",
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
+    memory_mb: float = 256.0,
 ) -> dict[str, Tensor]:
     """``Σ_i Σ_k φ(∂ terms(model, *inputs)[i, k] / ∂θ)`` for every trainable parameter θ.
 
     ``inputs`` are per-sample tensors (same first dimension). ``method="linear"`` raises if a
-    trainable parameter is outside a Linear layer the fast path can serve; ``"vmap"`` uses the
-    general path for all parameters (for checking the fast one).
+    trainable parameter is outside the layers the fast path serves (Linear, Conv2d, norms); ``"vmap"`` uses the
+    general path for all parameters (for checking the fast one). The sums add up over samples,
+    so the samples go through in chunks of ``chunk_size``, by default as many as keep the
+    working memory under ``memory_mb`` (:func:`bounded_chunk`).
     """
     phi = _REDUCTIONS[reduction]
     params = named_parameters(model)
+    n = inputs[0].shape[0]
+    chunk = chunk_size or bounded_chunk(model, terms, inputs, memory_mb, method)
     sums: dict[str, Tensor] = {}
     with torch.enable_grad():
-        if method != "vmap":
-            sums = _linear_sums(model, terms, inputs, phi, set(params))
-        rest = {n: p for n, p in params.items() if n not in sums}
-        if rest and method == "linear":
-            raise ValueError(f"no Linear fast path for {', '.join(rest)}; use method='auto'")
-        if rest:
-            sums.update(_vmap_sums(model, terms, inputs, phi, rest, chunk_size))
-    return {n: sums[n] for n in params}
+        for start in range(0, n, chunk):
+            part = tuple(t[start : start + chunk] for t in inputs)
+            for name, value in _chunk_sums(model, terms, part, phi, method, params).items():
+                sums[name] = sums[name] + value if name in sums else value
+    return {name: sums[name] for name in params}
+
+
+def bounded_chunk(
+    model: nn.Module,
+    terms: Terms,
+    inputs: tuple[Tensor, ...],
+    memory_mb: float,
+    method: Method = "auto",
+) -> int:
+    """How many samples one chunk may hold for its working memory to stay near ``memory_mb``.
+
+    Per sample, a chunk keeps every module's output for the backward pass (counted twice: the
+    outputs and what autograd saves beside them); for the parameters on the general path, one
+    Jacobian row per column of ``terms`` (counted three times: the Jacobian, φ of it and the
+    layers' own per-sample gradients); and the largest closed-form layer's per-sample
+    gradients. One sample's forward pass measures them.
+    """
+    params = named_parameters(model)
+    outputs: dict[nn.Module, int] = {}
+
+    def record(m: nn.Module, args: tuple, out: Tensor) -> None:
+        outputs[m] = outputs.get(m, 0) + (out.numel() if isinstance(out, Tensor) else 0)
+
+    handles = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if next(m.children(), None) is None
+    ]
+    try:
+        with torch.no_grad():
+            columns = terms(model, *(t[:1] for t in inputs)).shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    fast: dict[str, nn.Module] = {}
+    if method != "vmap":
+        fast = {**_private_linears(model, set(params)), **_self_differentiating(model, set(params))}
+    served = {f"{n}.{k}" for n, m in fast.items() for k, _ in m.named_parameters(recurse=False)}
+    general = sum(p.numel() for name, p in params.items() if name not in served)
+    # a closed-form layer's per-sample gradients (and a convolution's unfolded input) exist
+    # one layer at a time: the largest of them counts
+    layer_peak = max(
+        (
+            3 * sum(p.numel() for p in m.parameters(recurse=False))
+            + (outputs.get(m, 0) // m.out_channels * m.in_channels * math.prod(m.kernel_size)
+               if isinstance(m, nn.Conv2d) else 0)
+            for m in fast.values()
+            if not isinstance(m, nn.Linear)
+        ),
+        default=0,
+    )  # fmt: skip
+    size = next(iter(params.values())).element_size() if params else 4
+    per_sample = size * (2 * sum(outputs.values()) + 3 * columns * general + layer_peak)
+    return max(1, min(inputs[0].shape[0], int(memory_mb * 2**20 // max(per_sample, 1))))
+
+
+def _chunk_sums(
+    model: nn.Module,
+    terms: Terms,
+    inputs: tuple[Tensor, ...],
+    phi: Callable[[Tensor], Tensor],
+    method: Method,
+    params: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """The sums over one chunk: the fast paths where they serve, the general path for the rest."""
+    sums: dict[str, Tensor] = {}
+    if method != "vmap":
+        sums = _linear_sums(model, terms, inputs, phi, set(params))
+    rest = {n: p for n, p in params.items() if n not in sums}
+    if rest and method == "linear":
+        raise ValueError(f"no closed-form per-sample rule for {', '.join(rest)}; use method='auto'")
+    if rest:
+        sums.update(_vmap_sums(model, terms, inputs, phi, rest))
+    return sums
 
 
 def _linear_sums(
@@ -124,7 +210,7 @@ def _linear_sums(
                 deltas[name] += phi(delta)
                 continue
             with torch.no_grad():  # constants: no graph may reach the sums
-                per_sample = layers[name].per_sample_grads(sites[name][0], delta)
+                per_sample = rule_of(layers[name])(layers[name], sites[name][0], delta)
             for key, grad in per_sample.items():
                 sums[f"{name}.{key}"] += phi(grad).sum(0)
     for name in linear:
@@ -136,14 +222,60 @@ def _linear_sums(
 
 
 def _self_differentiating(model: nn.Module, trainable: set[str]) -> dict[str, nn.Module]:
-    """Leaf modules with a ``per_sample_grads`` method and a trainable parameter."""
+    """Leaf modules with a per-sample gradient rule (:func:`rule_of`) and a trainable parameter."""
     return {
         name: m
         for name, m in model.named_modules()
-        if callable(getattr(m, "per_sample_grads", None))
+        if rule_of(m) is not None
         and any(f"{name}.{k}" in trainable for k, _ in m.named_parameters(recurse=False))
         and next(m.children(), None) is None
     }
+
+
+PerSampleRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+def _conv_grads(conv: nn.Module, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
+    """Per-sample gradients of a Conv2d: ``δ_i`` (out channels x positions) times the unfolded
+    input (positions x in channels · kernel), one batched matmul. (A grouped convolution over
+    the samples computes the same; it measured slower inside the importance passes here.)"""
+    cols = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    d = delta.flatten(2)
+    grads = {"weight": torch.bmm(d, cols.transpose(1, 2)).view(len(a), *conv.weight.shape)}
+    if conv.bias is not None:
+        grads["bias"] = d.sum(2)
+    return grads
+
+
+def _norm_grads(norm: nn.Module, a: Tensor, delta: Tensor) -> dict[str, Tensor]:
+    """Per-sample gradients of a BatchNorm (eval mode) or GroupNorm's scale and shift."""
+    if isinstance(norm, nn.GroupNorm):
+        normalized = F.group_norm(a, norm.num_groups, eps=norm.eps)
+    else:
+        normalized = F.batch_norm(a, norm.running_mean, norm.running_var, eps=norm.eps)
+    grads = {"weight": (delta * normalized).flatten(2).sum(2), "bias": delta.flatten(2).sum(2)}
+    return {k: v for k, v in grads.items() if getattr(norm, k) is not None}
+
+
+def rule_of(module: nn.Module) -> PerSampleRule | None:
+    """How ``module``'s per-sample gradients follow from its input and output gradient, where a
+    closed form serves: its own ``per_sample_grads``, a plain Conv2d (zero padding, one group),
+    a BatchNorm2d in eval mode with running statistics, or a GroupNorm with an affine part."""
+    own = getattr(module, "per_sample_grads", None)
+    if callable(own):
+        return lambda m, a, delta: own(a, delta)
+    if (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return _conv_grads
+    if type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats:
+        return _norm_grads
+    if type(module) is nn.GroupNorm and module.affine:
+        return _norm_grads
+    return None
 
 
 def _private_linears(model: nn.Module, trainable: set[str]) -> dict[str, nn.Linear]:
@@ -178,9 +310,8 @@ def _vmap_sums(
     inputs: tuple[Tensor, ...],
     phi: Callable[[Tensor], Tensor],
     params: dict[str, Tensor],
-    chunk_size: int,
 ) -> dict[str, Tensor]:
-    """General-path sums: per-sample Jacobians of each row of ``terms``, one chunk at a time."""
+    """General-path sums: per-sample Jacobians of each row of ``terms``, vmapped over samples."""
     bound = _Bound(model, terms)
     theta = {f"model.{n}": p.detach() for n, p in params.items()}
     # every other parameter enters as a constant: the sums must not carry an autograd graph
@@ -194,10 +325,4 @@ def _vmap_sums(
         jacobians = jacrev(row)(theta, *sample)
         return {n: phi(j).sum(0) for n, j in jacobians.items()}
 
-    per_sample = vmap(sample_stats)
-    sums = {n: torch.zeros_like(p) for n, p in theta.items()}
-    for start in range(0, inputs[0].shape[0], chunk_size):
-        chunk = tuple(t[start : start + chunk_size] for t in inputs)
-        for n, value in per_sample(*chunk).items():
-            sums[n] += value.sum(0)
-    return {n.removeprefix("model."): s for n, s in sums.items()}
+    return {n.removeprefix("model."): v.sum(0) for n, v in vmap(sample_stats)(*inputs).items()}

@@ -196,8 +196,9 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     seed_everything(p.seed, verbose=False)
     model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
     settings = LoopSettings(
-        p.joint, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer, verbose=True
-    )
+        p.joint, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer, verbose=True,
+        augment=p.data.augment, resident=p.data.resident, pass_memory_mb=p.data.pass_memory_mb,
+    )  # fmt: skip
     return start(
         scenario, model, p.plugins, settings, p.optimizer, run_dir,
         lambda folder: make_logger(p.logger, folder, group),

@@ -120,3 +120,24 @@ def test_corrupt_cifar_archive_is_reported(tmp_path):
     (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DataNotFoundError, match="unreadable or incomplete"):
         build_scenario("split_cifar100", root=str(tmp_path), cache=str(tmp_path / "cache"))
+
+
+def test_the_split_cifar100_resnet18_experiment_runs_end_to_end(cifar_root, tmp_path):
+    """The ready experiment, cut to a narrow network and two epochs: ResNet-18, crop and flip,
+    the learning-rate milestones and the class-incremental head, through the command line."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli(
+        "run", "experiment=split_cifar100_resnet18", f"data.root={cifar_root}",
+        f"run_dir={tmp_path / 'run'}", "model.width=4", "trainer.max_epochs=2",
+        "optimizer.lr_milestones=[1]", "scenario.n_experiences=2", "logger=none",
+        "trainer.enable_progress_bar=false", f"data.cache={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.array(metrics["accuracy_matrix"]).shape == (2, 2)
+    assert metrics["protocol"] == "class"
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "augment: crop_flip" in config and "width: 4" in config

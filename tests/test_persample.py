@@ -78,14 +78,14 @@ def test_linear_fast_path_and_vmap_path_equal_the_hand_loop(data, reduction, ter
     assert expected["head.heads.0.weight"].abs().sum() == 0
 
 
-def test_conv_model_uses_vmap_where_needed_and_matches_the_hand_loop(data) -> None:
+def test_a_conv_model_takes_the_closed_forms_and_matches_the_hand_loop(data) -> None:
     torch.manual_seed(1)
     model = lenet((1, 6, 6), (2, 3), channels=(2, 3), hidden=(5,)).eval()
     expected = hand_loop(model, nll, *data, torch.square)
     assert_same(per_sample_grad_sums(model, nll, data, method="vmap"), expected)
     assert_same(per_sample_grad_sums(model, nll, data, method="auto", chunk_size=3), expected)
-    with pytest.raises(ValueError, match="body.0.weight"):
-        per_sample_grad_sums(model, nll, data, method="linear")
+    # convolutions have a closed form too: the fast path alone serves every parameter
+    assert_same(per_sample_grad_sums(model, nll, data, method="linear"), expected)
 
 
 def test_gate_weights_inside_an_mlp_take_the_general_path(data) -> None:
@@ -95,6 +95,8 @@ def test_gate_weights_inside_an_mlp_take_the_general_path(data) -> None:
     sums = per_sample_grad_sums(model, nll, data)
     assert_same(sums, expected)
     assert expected["body.3.weight"].abs().sum() > 0
+    with pytest.raises(ValueError, match="body.3.weight"):  # no closed form for the gate
+        per_sample_grad_sums(model, nll, data, method="linear")
     # constants: a penalty built from them must not reach back into this pass's graph
     assert not any(s.requires_grad for s in sums.values())
 

@@ -101,6 +101,57 @@ def test_optimizer_state_carries_over_when_not_reset():
     assert not np.array_equal(carried.accuracy_matrix, reset.accuracy_matrix)
 
 
+class LearningRates(afmbench.ContinualPlugin):
+    """The learning rate of each epoch (every step of it), per experience."""
+
+    name = "learning_rates"
+
+    def __init__(self) -> None:
+        self.seen: list[list[float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.seen.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if batch_idx == 0:
+            self.seen[-1].append(lr)
+        assert lr == self.seen[-1][-1]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_lr_milestones_follow_torchs_multistep_schedule_in_every_experience(reset):
+    afmbench.seed_everything(0)
+    scenario = afmbench.build_scenario("split_digits", n_experiences=2)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[8])
+    rates = LearningRates()
+    config = OptimizerConfig(
+        lr=0.1, lr_milestones=[1, 3], lr_gamma=0.5, reset_between_experiences=reset
+    )
+    afmbench.run(scenario, model, [rates], max_epochs=4, batch_size=128, optimizer=config,
+                 verbose=False)  # fmt: skip
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1, 3], gamma=0.5)
+    expected = []
+    for _ in range(4):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates.seen == [pytest.approx(expected)] * 2  # the schedule restarts each experience
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [({"lr_milestones": [45, 35]}, "must be increasing positive epochs"),
+     ({"lr_milestones": [0]}, "must be increasing positive epochs"),
+     ({"lr_gamma": 0.0}, r"lr_gamma=0.0 must be in \(0, 1\]")],
+)  # fmt: skip
+def test_bad_lr_schedules_are_one_line(settings, match):
+    with pytest.raises(afmbench.ConfigError, match=match) as info:
+        OptimizerConfig(**settings)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.slow
 def test_permuted_mnist_naive_forgets(mnist_root, tmp_path):
     """Three permutations, one epoch each, on the real MNIST archives."""

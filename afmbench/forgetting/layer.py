@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from afmbench.models import ACTIVATIONS, ContinualModel
+from afmbench.models import ACTIVATIONS, BasicBlock, ContinualModel
 
 Mode = Literal["shortcut", "gate"]
 MODES: tuple[str, ...] = ("shortcut", "gate")
@@ -79,7 +79,8 @@ class Site:
 
     ``name`` is the body child's name (``model.body[name]`` is the activation, or the
     ``Sequential(activation, ForgettingLayer)`` that replaced it); ``producer`` is the name of
-    the Linear/Conv2d child that computes the layer's pre-activation.
+    the Linear/Conv2d child that computes the layer's pre-activation (for a ResNet block, the
+    block's last convolution, ``"<block>.conv2"``).
     """
 
     name: str
@@ -100,6 +101,8 @@ def sites(model: ContinualModel) -> list[Site]:
         if isinstance(child, (nn.Linear, nn.Conv2d)):
             producer = name
             units = child.out_features if isinstance(child, nn.Linear) else child.out_channels
+        elif isinstance(child, BasicBlock):  # its last convolution, the shortcut added after
+            producer, units = f"{name}.conv2", child.out_channels
         elif isinstance(child, tuple(ACTIVATIONS.values())):
             found.append(Site(name, units, producer))
         elif _is_gated(child):

@@ -9,7 +9,8 @@ sets sit in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -215,6 +216,25 @@ class Scenario:
             task_ids=task_ids,
             store=MemoryStore(tensors),
         )
+
+    @classmethod
+    def from_avalanche(
+        cls,
+        benchmark: Any,
+        protocol: str,
+        name: str,
+        cache: str | Path | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Scenario:
+        """Any Avalanche benchmark (``nc_benchmark``/``ni_benchmark`` on your data, a classic
+        one) as a scenario: iterated once into the tensor cache (``cache``, else
+        ``$AFMBENCH_CACHE_DIR``), checked, and its targets made the protocol's head indices.
+        ``name`` and ``params`` identify it (with a fingerprint of its streams' sizes, classes,
+        task labels, targets and first and last inputs). See
+        :func:`afmbench.scenarios.avalanche.from_avalanche` for the relabelling rules."""
+        from afmbench.scenarios.avalanche import from_avalanche
+
+        return from_avalanche(benchmark, protocol, name, cache=cache, params=params)
 
 
 def _check_split(

@@ -122,11 +122,13 @@ def cached_scenario(
     build_benchmark: Callable[[], Any],
     cache: Path,
     source: Path | None = None,
+    write: Callable[[Any, Path, str], None] | None = None,
 ) -> Scenario:
     """Return the scenario from the cache, materializing ``build_benchmark()`` first if needed.
 
     ``source`` (the data root) is part of the key: another folder may hold other files.
     Concurrent processes (DDP ranks, sweep jobs) wait on a file lock so one of them writes.
+    ``write(benchmark, folder, name)`` fills the folder (default: :func:`materialize`).
     """
     if _checking_only.get():
         raise _Checked
@@ -135,7 +137,7 @@ def cached_scenario(
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder.with_suffix(".lock")):
             if not (folder / "meta.json").is_file():
-                materialize(build_benchmark(), folder, name)
+                (write or materialize)(build_benchmark(), folder, name)
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError) as exc:
@@ -172,25 +174,43 @@ def materialize(benchmark: Any, folder: Path, name: str) -> None:
     """Iterate every experience of an Avalanche benchmark once and save its tensors."""
     from tqdm.auto import tqdm
 
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     streams = {"train": benchmark.train_stream, "test": benchmark.test_stream}
     n = len(benchmark.train_stream)
     meta: dict[str, Any] = {"classes": [], "task_ids": []}
-    with tqdm(total=2 * n, desc=f"materializing {name} (once)", unit="split", leave=False) as bar:
+    bar = tqdm(total=2 * n, desc=f"materializing {name} (once)", unit="split", leave=False)
+    with staged(folder) as tmp, bar:
         for split, stream in streams.items():
             for e, experience in enumerate(stream):
                 x, y, t = collect(experience.dataset)
-                torch.save({"x": encode(x), "y": y, "t": t}, tmp / f"{split}_{e}.pt")
+                save_split(tmp / f"{split}_{e}.pt", (x, y, t))
                 if split == "train":
                     meta["classes"].append(sorted(benchmark.original_classes_in_exp[e]))
                     meta["task_ids"].append(int(experience.task_label))
                     meta["input_shape"] = list(x.shape[1:])
                 bar.update()
-    (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A fresh folder beside ``folder`` that replaces it when the block ends, or is removed if
+    the block raises: readers never see half a cache."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def save_split(path: Path, split: Split) -> None:
+    """Write one experience's ``(x, y, t)`` as :class:`DiskStore` reads it."""
+    x, y, t = split
+    torch.save({"x": encode(x), "y": y, "t": t}, path)
 
 
 def collect(dataset: Any, batch_size: int = 2048) -> Split:

@@ -116,6 +116,31 @@ def check_idx(path: Path) -> None:
         raise ValueError(f"{path.stat().st_size} bytes where its header says {expected}")
 
 
+def read_mnist_like(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
+    """The four idx archives of ``root/name/raw`` (``.gz`` or decompressed) as uint8 images
+    (N, 28, 28) and labels, read without Avalanche or torchvision (for machines that have
+    neither, such as a bare GPU machine)."""
+    source = root / name / "raw"
+    arrays = []
+    for f in MNIST_FILES:
+        path = source / f if (source / f).is_file() else source / f"{f}.gz"
+        try:
+            data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            ndim = data[3]
+            dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+            if data[2] != 0x08 or len(data) != 4 + 4 * ndim + math.prod(dims):
+                raise ValueError("not a whole idx file of bytes")
+        except (OSError, EOFError, zlib.error, ValueError, IndexError, struct.error) as exc:
+            raise DataNotFoundError(
+                f"{name} file {path} is missing, unreadable or incomplete ({exc})",
+                f"put the original {name} archives (torchvision layout) in {source}",
+            ) from None
+        body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        arrays.append(torch.from_numpy(body.copy()))
+    x_tr, y_tr, x_te, y_te = arrays
+    return (x_tr, y_tr.long()), (x_te, y_te.long())
+
+
 def load_cifar(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
     """Read CIFAR-10 or CIFAR-100 straight from the original python-format archive.
 

@@ -44,7 +44,8 @@ class MAS(QuadraticPenalty):
         model = module.model
 
         def sums(x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
-            return per_sample_grad_sums(model, partial(squared_norm, task=task), (x,), "abs")
+            terms = partial(squared_norm, task=task)
+            return per_sample_grad_sums(model, terms, (x,), "abs", memory_mb=module.pass_memory_mb)
 
         return data_mean(module, sums, max_samples=self.samples, label="mas importance")
 
