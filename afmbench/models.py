@@ -8,9 +8,10 @@ per-layer statistics (sparsity, neuron importance) are read.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -47,6 +48,33 @@ class MultiHead(nn.Module):
     def _pad(self, logits: Tensor) -> Tensor:
         missing = self.width - logits.shape[1]
         return logits if missing == 0 else nn.functional.pad(logits, (0, missing), value=-math.inf)
+
+
+class BatchRecorder(nn.Module):
+    """A module that keeps what the training batch's forward pass made of it (the forgetting
+    layer's inputs and gates, which its loss terms read), in :attr:`record`."""
+
+    record_names: tuple[str, ...] = ()
+
+    def record(self) -> tuple:
+        return tuple(getattr(self, n) for n in self.record_names)
+
+    def restore(self, record: tuple) -> None:
+        for name, value in zip(self.record_names, record):
+            setattr(self, name, value)
+
+
+@contextlib.contextmanager
+def side_pass(model: nn.Module) -> Iterator[None]:
+    """Forward passes of ``model`` inside leave every :class:`BatchRecorder`'s record of the
+    training batch as it was: for passes on other samples (replay, distillation) within a
+    training step."""
+    records = [(m, m.record()) for m in model.modules() if isinstance(m, BatchRecorder)]
+    try:
+        yield
+    finally:
+        for module, record in records:
+            module.restore(record)
 
 
 class ContinualModel(nn.Module):

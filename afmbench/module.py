@@ -68,6 +68,12 @@ class ContinualModule(LightningModule):
         self._optimizer: torch.optim.Optimizer | None = None
         self._epoch_params: dict[str, Tensor] | None = None
         self.augment: CropFlip | None = None
+        # the batch the loss is being computed on and its detached logits, as one tuple: a
+        # plain value takes __setattr__'s fast path every step (see below), a tensor does not
+        self._batch_record: tuple[tuple[Tensor, Tensor, Tensor] | None, Tensor | None] = (
+            None,
+            None,
+        )
         self.seed = 0
         self.pass_memory_mb = 256.0
 
@@ -84,6 +90,16 @@ class ContinualModule(LightningModule):
             super().__setattr__(name, value)
 
     # -- what plugins use --------------------------------------------------------------
+    @property
+    def batch(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The training batch the loss is being computed on (``penalty`` may read it)."""
+        return self._batch_record[0]
+
+    @property
+    def batch_logits(self) -> Tensor | None:
+        """The model's detached logits of :attr:`batch`, padded to the widest head."""
+        return self._batch_record[1]
+
     def plugins(self) -> list[ContinualPlugin]:
         """The plugins attached to the current trainer, in callback order."""
         if self._trainer is None:
@@ -165,7 +181,9 @@ class ContinualModule(LightningModule):
         computed only when they are logged.
         """
         x, y, t = batch
-        task_loss = F.cross_entropy(self.model(x, t if self.task_id is None else self.task_id), y)
+        logits = self.model(x, t if self.task_id is None else self.task_id)
+        self._batch_record = (batch, logits.detach())
+        task_loss = F.cross_entropy(logits, y)
         in_graph = [p for p in self.plugins() if not (closed_form and p.closed_form_grad)]
         terms = self._penalties(in_graph)
         return (task_loss + sum(terms.values()) if terms else task_loss), task_loss, terms
@@ -281,8 +299,13 @@ class ContinualModule(LightningModule):
         weight = self._batches_in_step / accumulate if self._batches_in_step else 1.0
         self._start_step()
         plugins = self._closed_form_plugins()
-        if not plugins:
-            return
+        if plugins:
+            self._add_closed_form_grads(plugins, weight)
+        for plugin in self.plugins():
+            if plugin.changes_gradient:
+                plugin.change_gradient(self)
+
+    def _add_closed_form_grads(self, plugins: list[ContinualPlugin], weight: float) -> None:
         params = self.trainable_parameters()
         grads = {n: p.grad for n, p in params.items() if p.grad is not None}
         added = grads if weight == 1 else {}  # a partial window: weigh the penalties apart

@@ -13,6 +13,14 @@ per experience because every experience is one ``Trainer.fit``:
   integral); see :attr:`ContinualPlugin.closed_form_grad` for what ``p.grad`` holds there,
   and take the parameters by name from ``module.trainable_parameters()`` (built once an
   epoch, not every step);
+- :meth:`ContinualPlugin.penalty` may read the batch being trained on as ``module.batch``
+  (``(x, y, t)`` on the device, augmented if the run augments) and the model's detached
+  logits of it as ``module.batch_logits``: replay adds its loss on stored samples there,
+  distillation its term on the current inputs;
+- :meth:`ContinualPlugin.change_gradient` (with :attr:`ContinualPlugin.changes_gradient`
+  set) may rewrite ``p.grad`` in place right before the optimizer step: the gradient is then
+  complete (DDP's all-reduce, AMP's unscaling and every closed-form penalty gradient are in)
+  and the same on every rank, as A-GEM's projection needs;
 - ``on_train_end``: the experience is learned; estimate importance and set anchors. This runs
   on every rank; sums over data must go through ``module.all_reduce_sum`` so all ranks agree.
   Long work here shows as a bar when given a label: ``module.batches(label=...)`` for a pass
@@ -60,6 +68,8 @@ class ContinualPlugin(Callback):
     #: gradient in its own ``on_before_optimizer_step`` (after every callback's): one fused
     #: update per parameter instead of a graph of four operations and their backward.
     closed_form_grad: bool = False
+    #: Set by plugins that rewrite the gradient before each step (:meth:`change_gradient`).
+    changes_gradient: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -80,6 +90,17 @@ class ContinualPlugin(Callback):
         """Add the gradient of :meth:`penalty` into ``grads[name]`` in place (a missing entry
         starts at zero). Only called where :attr:`closed_form_grad` is set."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form penalty gradient")
+
+    def change_gradient(self, module: ContinualModule) -> None:
+        """Rewrite ``p.grad`` of ``module.trainable_parameters()`` in place, once per optimizer
+        step, after every other gradient is in. Only called where :attr:`changes_gradient`
+        is set; whatever it computes must agree across DDP processes."""
+        raise NotImplementedError(f"{type(self).__name__} does not change gradients")
+
+    def run_metrics(self) -> dict[str, Any]:
+        """Plain values the run's ``metrics.json`` keeps under ``plugins.<name>`` (e.g. a
+        replay buffer's memory); empty: nothing."""
+        return {}
 
     def importance(self) -> dict[str, Tensor]:
         """Current importance per parameter name (empty if the plugin keeps none)."""

@@ -79,6 +79,9 @@ class RunRecord:
             "timings": {"train_s": self.train_s, "eval_s": self.eval_s},
             "versions": versions(),
         }
+        extra = {p.name: p.run_metrics() for p in module.plugins()}
+        if any(extra.values()):
+            metrics["plugins"] = {name: values for name, values in extra.items() if values}
         if held_out is not None:  # tuned on validation, reported on test
             validation = summarize(held_out) if self.done else {}
             metrics.update(val_accuracy_matrix=held_out, val_acc=validation.get("acc"),

@@ -90,7 +90,9 @@ def prepare(bundle: Path, data: Path, wheels: bool = True) -> dict[str, int]:
         )  # fmt: skip
     sizes = {str(p.relative_to(bundle)): p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
     if sum(sizes.values()) > BUNDLE_LIMIT:
-        raise SystemExit(f"gpu_check: the bundle holds {sum(sizes.values()) / 2**20:.1f} MiB, over 64")
+        raise SystemExit(
+            f"gpu_check: the bundle holds {sum(sizes.values()) / 2**20:.1f} MiB, over 64"
+        )
     return sizes
 
 
@@ -320,7 +322,9 @@ def plain_resnet_epoch(train, device: torch.device, batch: int, epochs: int) -> 
 def check(bundle: Path, device: torch.device, smoke: bool) -> dict[str, Any]:
     """Run (a) to (d); a part that fails records its error and the next one runs."""
     summary: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.machine(),
         "torch": torch.__version__,
         "smoke": smoke,
         "avalanche": importlib.util.find_spec("avalanche") is not None,
@@ -380,13 +384,20 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"- {k}: {v:.1e}" for k, v in match["max_relative_error"].items()]
         lines.append(f"- {'all within tolerance' if match['ok'] else 'NOT within tolerance'}")
     speed_rows = summary["speed_vs_plain"]
-    lines += ["", "(c) Permuted MNIST, 3 tasks x 1 epoch: afmbench against a plain PyTorch loop"
-              + ("" if summary["avalanche"] else " (Avalanche not installed here)"), ""]
+    lines += [
+        "",
+        "(c) Permuted MNIST, 3 tasks x 1 epoch: afmbench against a plain PyTorch loop"
+        + ("" if summary["avalanche"] else " (Avalanche not installed here)"),
+        "",
+    ]
     if isinstance(speed_rows, list):
         lines += ["| strategy | afmbench (s) | plain loop (s) | ratio | ACC afmbench / plain |",
                   "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['strategy']} | {r['afmbench_s']:.1f} | {r['plain_s']:.1f} | "
-                  f"{r['ratio']:.2f} | {r['acc']:.3f} / {r['plain_acc']:.3f} |" for r in speed_rows]
+        lines += [
+            f"| {r['strategy']} | {r['afmbench_s']:.1f} | {r['plain_s']:.1f} | "
+            f"{r['ratio']:.2f} | {r['acc']:.3f} / {r['plain_acc']:.3f} |"
+            for r in speed_rows
+        ]
     else:
         lines.append(f"failed: {speed_rows['error']}")
     resnet = summary["resnet18_augment"]
@@ -395,8 +406,11 @@ def markdown(summary: dict[str, Any]) -> str:
     if isinstance(resnet, list):
         lines += ["| batch | afmbench (images/s) | plain loop (images/s) | plain / afmbench |",
                   "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['batch_size']} | {r['afmbench_images_s']:.0f} | "
-                  f"{r['plain_images_s']:.0f} | {r['ratio']:.2f} |" for r in resnet]
+        lines += [
+            f"| {r['batch_size']} | {r['afmbench_images_s']:.0f} | "
+            f"{r['plain_images_s']:.0f} | {r['ratio']:.2f} |"
+            for r in resnet
+        ]
     else:
         lines.append(f"failed: {resnet['error']}")
     seconds = sum(v for k, v in summary.items() if k.endswith("_s") and isinstance(v, float))
@@ -431,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         from afmbench.scenarios.sources import data_root
 
         sizes = prepare(options.bundle, options.data or data_root(), not options.no_wheels)
-        print(f"gpu_check: {len(sizes)} files, {sum(sizes.values()) / 2**20:.1f} MiB in {options.bundle}")
+        print(
+            f"gpu_check: {len(sizes)} files, {sum(sizes.values()) / 2**20:.1f} MiB in {options.bundle}"
+        )
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here; use --device cpu --smoke to rehearse")

@@ -114,9 +114,11 @@ def main() -> int:
     for name in options.strategies:
         epoch, spent = measure(name, STRATEGIES[name], scenario, options.width, options.memory_mb)
         rows.append(f"| {name} | {epoch:.1f} | {spent:.1f} | {spent / epoch:.2f} |")
-    command = "python benchmarks/importance_passes.py" + (
-        f" --width {options.width}" if options.width != 20 else ""
-    ) + (f" --memory-mb {options.memory_mb:g}" if options.memory_mb != 256 else "")
+    command = (
+        "python benchmarks/importance_passes.py"
+        + (f" --width {options.width}" if options.width != 20 else "")
+        + (f" --memory-mb {options.memory_mb:g}" if options.memory_mb != 256 else "")
+    )
     text = "\n".join(
         [
             f"Command: `{command}` ({platform.machine()}, {torch.get_num_threads()} threads, "

@@ -185,9 +185,21 @@ def table(suite: str) -> str:
             else:
                 within = "yes" if abs(mean - paper.mean) <= bound else "no"
         minutes = f"{statistics.fmean(r['minutes'] for r in runs):.1f}" if runs else "-"
-        label = paper.method if paper else arm.split("/", 1)[1]
+        label = paper.method if paper else _label(arm.split("/", 1)[1])
         lines.append(f"| {label} | {published} | {ours} | {diff} | {within} | {minutes} |")
     return "\n".join(lines) + "\n"
+
+
+METHODS = {"none": "none", "joint": "joint", "ewc": "EWC", "online_ewc": "online EWC",
+           "si": "SI", "mas": "MAS"}  # fmt: skip
+
+
+def _label(arm: str) -> str:
+    """An arm without a published figure named as the published rows are: ``class-IL EWC``."""
+    protocol, _, method = arm.partition("_")
+    if protocol in ("task", "domain", "class") and method in METHODS:
+        return f"{protocol}-IL {METHODS[method]}"
+    return arm
 
 
 def main() -> int:

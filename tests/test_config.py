@@ -159,7 +159,10 @@ def test_the_python_api_defaults_are_the_cli_defaults():
 
 def test_load_config_mistakes_are_the_cli_s_one_line_errors():
     for overrides, expected in [
-        (["strategy=ewcc"], "unknown strategy 'ewcc'; fix: use one of anpyc, ewc, joint"),
+        (
+            ["strategy=ewcc"],
+            "unknown strategy 'ewcc'; fix: use one of agem, anpyc, derpp, er, ewc, joint, lwf",
+        ),
         (["optimizer.lrr=1"], "unknown option optimizer.lrr; fix: did you mean optimizer.lr?"),
     ]:
         with pytest.raises(ConfigError) as caught:

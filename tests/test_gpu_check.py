@@ -24,7 +24,9 @@ BLOCK = "import sys\nfor name in ('avalanche', 'hydra', 'wandb'):\n    sys.modul
 
 
 def idx(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     return header + array.astype(np.uint8).tobytes()
 
 
@@ -57,7 +59,9 @@ def test_a_truncated_archive_is_one_line_naming_it(tmp_path):
     fake_mnist(tmp_path)
     path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(idx(np.zeros(200))[:-5]))
-    with pytest.raises(DataNotFoundError, match="t10k-labels-idx1-ubyte.gz is missing, unread") as e:
+    with pytest.raises(
+        DataNotFoundError, match="t10k-labels-idx1-ubyte.gz is missing, unread"
+    ) as e:
         read_mnist_like("MNIST", tmp_path)
     assert "\n" not in str(e.value)
 

@@ -20,14 +20,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from afmbench.models import ACTIVATIONS, BasicBlock, ContinualModel
+from afmbench.models import ACTIVATIONS, BasicBlock, BatchRecorder, ContinualModel
 
 Mode = Literal["shortcut", "gate"]
 MODES: tuple[str, ...] = ("shortcut", "gate")
 EPS = 1e-8
 
 
-class ForgettingLayer(nn.Module):
+class ForgettingLayer(BatchRecorder):
     """Per-unit neural switches: ``h + h * sigma`` (``shortcut``, eq. 5) or ``h * sigma``
     (``gate``, eq. 3).
 
@@ -35,6 +35,8 @@ class ForgettingLayer(nn.Module):
     in :attr:`last_input` / :attr:`last_gate`, so the loss terms can be formed after the forward
     pass; :meth:`forget_batch` drops them once the step is done.
     """
+
+    record_names = ("last_input", "last_gate")
 
     def __init__(self, units: int, rho: float = 1.0, mode: Mode = "shortcut") -> None:
         super().__init__()

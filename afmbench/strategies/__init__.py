@@ -1,4 +1,4 @@
-"""Regularization strategies, one plugin per file (see :mod:`afmbench.plugin` for the protocol).
+"""Regularization, replay and distillation strategies, one plugin per file (see :mod:`afmbench.plugin` for the protocol).
 
 Each has a YAML beside the others in ``afmbench/configs/strategy/`` whose ``_target_`` names
 its class, so ``strategy=<name>`` on the command line needs no registry; ``naive`` (plain
@@ -10,9 +10,13 @@ need distinct ``name`` attributes: penalties and checkpointed state are keyed by
 
 from __future__ import annotations
 
+from afmbench.strategies.agem import AGEM
 from afmbench.strategies.anpyc import ANPyC
+from afmbench.strategies.derpp import DERpp
+from afmbench.strategies.er import ER
 from afmbench.strategies.ewc import EWC
+from afmbench.strategies.lwf import LwF
 from afmbench.strategies.mas import MAS
 from afmbench.strategies.si import SI
 
-__all__ = ["EWC", "MAS", "SI", "ANPyC"]
+__all__ = ["AGEM", "DERpp", "ER", "EWC", "LwF", "MAS", "SI", "ANPyC"]

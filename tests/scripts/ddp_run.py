@@ -14,9 +14,9 @@ import torch
 
 import afmbench
 from afmbench.forgetting import ForgettingLayerCallback
-from afmbench.strategies import EWC, MAS, SI, ANPyC
+from afmbench.strategies import AGEM, ER, EWC, MAS, SI, ANPyC
 
-PLUGINS = {"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC}
+PLUGINS = {"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC, "er": ER, "agem": AGEM}
 
 out, devices, batch_size, configs = (
     Path(sys.argv[1]),
