@@ -62,7 +62,19 @@ from afmbench.scenarios.sources import MNIST_FILES, read_mnist_like  # noqa: E40
 #: What the GPU machine lacks of afmbench's imports (Hydra, Avalanche and W&B stay unused).
 WHEELS = ("omegaconf", "antlr4-python3-runtime")
 BUNDLE_LIMIT = 64 * 2**20
-STRATEGIES = ("naive", "joint", "ewc", "online_ewc", "si", "mas", "anpyc")
+STRATEGIES = (
+    "naive",
+    "joint",
+    "ewc",
+    "online_ewc",
+    "si",
+    "mas",
+    "anpyc",
+    "er",
+    "agem",
+    "derpp",
+    "lwf",
+)
 PRECISIONS = ("32-true", "bf16-mixed")
 RELATIVE_TOLERANCE = 1e-3  # of a tensor's norm, for float32 on two devices
 
