@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from afmbench.codes import decode, encode, grown_table
+
 
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -51,9 +53,8 @@ class TensorLoader:
         self.pad = shuffle if pad is None else pad
         self.shard = shard
         self.epoch = 0
-        # resident on a device: the inputs as uint8 codes into their channels' table of values
-        # (the table, the codes, each channel's offset into the table), or None
-        self._codes: tuple[Tensor, Tensor, Tensor] | None = None
+        # resident on a device: the inputs as uint8 codes and their table (afmbench.codes)
+        self._codes: tuple[Tensor, Tensor] | None = None
 
     def resident(self, device: torch.device | str) -> TensorLoader:
         """Move the tensors to ``device`` once (in place; returns the loader). Inputs with at
@@ -62,10 +63,10 @@ class TensorLoader:
         memory, and decoded per batch exactly."""
         device = torch.device(device)
         x, *rest = (t.to(device) for t in self.tensors)
-        if x.is_floating_point() and x.dim() >= 2 and len(x):
-            self._codes = _channel_codes(x)
-            if self._codes is not None:
-                x = x[:0]  # the float copy is not kept; shape and dtype stay known
+        table = grown_table(None, x) if x.is_floating_point() and x.dim() >= 2 and len(x) else None
+        if table is not None:
+            self._codes = (encode(x, table), table)
+            x = x[:0]  # the float copy is not kept; shape and dtype stay known
         self.tensors = (x, *rest)
         return self
 
@@ -73,7 +74,7 @@ class TensorLoader:
         return _rank_and_world() if self.shard else (0, 1)
 
     def _rows(self) -> int:
-        return len(self._codes[1]) if self._codes is not None else len(self.tensors[0])
+        return len(self._codes[0]) if self._codes is not None else len(self.tensors[0])
 
     def _indices(self) -> Tensor:
         n = self._rows()
@@ -103,23 +104,5 @@ class TensorLoader:
             if self._codes is None:
                 yield tuple(t[index] for t in self.tensors)
             else:
-                table, codes, offsets = self._codes
-                x = table[codes[index].int() + offsets]
-                yield (x, *(t[index] for t in self.tensors[1:]))
-
-
-def _channel_codes(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``x`` (samples, channels, ...) as one table of 256 values per channel, uint8 codes
-    into it and each channel's offset (shaped to broadcast over the codes); None where a
-    channel has more than 256 distinct values."""
-    channels = x.shape[1]
-    table = torch.zeros(channels, 256, dtype=x.dtype, device=x.device)
-    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for c in range(channels):
-        values, inverse = torch.unique(x[:, c], return_inverse=True)
-        if len(values) > 256:
-            return None
-        table[c, : len(values)] = values
-        codes[:, c] = inverse.to(torch.uint8)
-    offsets = (torch.arange(channels, device=x.device) * 256).view(1, channels, *[1] * (x.dim() - 2))
-    return table.flatten(), codes, offsets
+                codes, table = self._codes
+                yield (decode(codes[index], table), *(t[index] for t in self.tensors[1:]))

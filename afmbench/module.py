@@ -298,10 +298,11 @@ class ContinualModule(LightningModule):
         # no batch counted: called outside training_step's loop, as one whole step
         weight = self._batches_in_step / accumulate if self._batches_in_step else 1.0
         self._start_step()
-        plugins = self._closed_form_plugins()
-        if plugins:
-            self._add_closed_form_grads(plugins, weight)
-        for plugin in self.plugins():
+        plugins = self.plugins()
+        closed_form = [p for p in plugins if p.closed_form_grad]
+        if closed_form:
+            self._add_closed_form_grads(closed_form, weight)
+        for plugin in plugins:
             if plugin.changes_gradient:
                 plugin.change_gradient(self)
 

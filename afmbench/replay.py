@@ -5,7 +5,7 @@ two ways: ``reservoir`` after every training batch (each sample seen so far is i
 with the same probability, capacity / seen), or ``balanced`` once an experience ends (every
 class seen so far keeps the same number of samples, give or take one). Inputs whose values
 per channel fit a table of 256 (8-bit images, normalized or not) are stored as uint8 codes
-into it, a quarter of float32's memory; other inputs are stored as they come.
+into it (:mod:`afmbench.codes`), a quarter of float32's memory; other inputs as they come.
 
 Randomness comes from the generator the owner passes, so a plugin that reseeds it per
 experience (from the run's seed) replays the same samples in a resumed run.
@@ -18,6 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from afmbench.codes import decode, encode, grown_table
+
 Selection = Literal["reservoir", "balanced"]
 
 
@@ -28,7 +30,7 @@ class ReplayBuffer:
         self.capacity, self.selection = capacity, selection
         self.seen = 0  # samples offered so far (reservoir sampling's n)
         self.x: Tensor | None = None  # float inputs, or uint8 codes into self.table
-        self.table: Tensor | None = None  # (channels, 256) values the codes index
+        self.table: Tensor | None = None  # (channels, at most 256) values the codes index
         self.y: Tensor | None = None
         self.t: Tensor | None = None
         self.z: Tensor | None = None  # the logits seen when each sample was stored, if kept
@@ -133,23 +135,17 @@ class ReplayBuffer:
         stored), or, once a channel needs more than 256 values, floats from then on."""
         if self.table is None:
             return x
-        grown = [torch.unique(torch.cat([row, x[:, c].flatten()])) for c, row in
-                 enumerate(self.table)]  # fmt: skip
-        if max(len(g) for g in grown) > 256:
+        table = grown_table(self.table, x)
+        if table is None:
             self.x, self.table = self._decode(self.x), None
             return x
-        width = max(len(g) for g in grown)
-        table = torch.stack([torch.cat([g, g[-1:].expand(width - len(g))]) for g in grown])
-        if self.table.shape[1] and len(self.x):  # re-code what is stored into the new table
-            self.x = _codes(self._decode(self.x), table)
+        if self.table.shape[1] and not torch.equal(table, self.table):  # re-code what is stored
+            self.x = encode(self._decode(self.x), table)
         self.table = table
-        return _codes(x, table)
+        return encode(x, table)
 
     def _decode(self, x: Tensor) -> Tensor:
-        if self.table is None:
-            return x
-        channel = torch.arange(len(self.table), device=x.device).view(1, -1, *[1] * (x.dim() - 2))
-        return self.table[channel, x.long()]
+        return x if self.table is None else decode(x, self.table)
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -164,11 +160,3 @@ class ReplayBuffer:
         for key in ("x", "table", "y", "t", "z"):
             value = state[key]
             setattr(self, key, value.to(device) if value is not None and device else value)
-
-
-def _codes(x: Tensor, table: Tensor) -> Tensor:
-    """Each value of ``x`` (samples, channels, ...) as its index in its channel's sorted row."""
-    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for c, row in enumerate(table):
-        out[:, c] = torch.searchsorted(row.contiguous(), x[:, c].contiguous()).clamp(max=255)
-    return out

@@ -52,10 +52,11 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from importance_passes import EpochClock, cifar_like, sync  # noqa: E402
+
 import afmbench  # noqa: E402
 from afmbench.augment import CropFlip  # noqa: E402
 from afmbench.config import OptimizerConfig, config_dir  # noqa: E402
-from afmbench.plugin import ContinualPlugin  # noqa: E402
 from afmbench.scenarios.common import permutations  # noqa: E402
 from afmbench.scenarios.sources import MNIST_FILES, read_mnist_like  # noqa: E402
 
@@ -259,31 +260,8 @@ def speed_vs_plain(
 
 
 # -- (d) ResNet-18 with augmentation against a plain loop -------------------------------
-def cifar_like(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g).float().div(255).sub(0.5).div(0.25)
-    return x, torch.arange(n) % 10, torch.zeros(n, dtype=torch.long)
-
-
-class EpochClock(ContinualPlugin):
-    """Wall time of the last training epoch (the first one pays for warm-up)."""
-
-    name = "epoch_clock"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        _sync(self.device)
-        self.started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        _sync(self.device)
-        self.seconds.append(time.perf_counter() - self.started)
-
-
 def resnet_speed(device: torch.device, images: int, batch_sizes: tuple[int, ...], epochs: int):
-    train, test = cifar_like(images), cifar_like(256, 1)
+    train, test = cifar_like(images, 10), cifar_like(256, 10, 1)
     scenario = afmbench.Scenario.from_tensors(
         "cifar100_like", "task", [train], [test], head_sizes=(10,)
     )
@@ -291,7 +269,7 @@ def resnet_speed(device: torch.device, images: int, batch_sizes: tuple[int, ...]
     for batch in batch_sizes:
         afmbench.seed_everything(0, verbose=False)
         model = afmbench.build_model("resnet18", (3, 32, 32), (10,))
-        clock = EpochClock(device)
+        clock = EpochClock()
         afmbench.run(
             scenario, model, [clock], max_epochs=epochs, batch_size=batch, augment="crop_flip",
             optimizer=OptimizerConfig("sgd", 0.03, momentum=0.0), verbose=False,
@@ -316,7 +294,7 @@ def plain_resnet_epoch(train, device: torch.device, batch: int, epochs: int) -> 
     seconds = 0.0
     for epoch in range(epochs):
         augment.start_epoch(0, 0, epoch, device)
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         order = torch.randperm(len(x), device=device)
         for start in range(0, len(x), batch):
@@ -325,7 +303,7 @@ def plain_resnet_epoch(train, device: torch.device, batch: int, epochs: int) -> 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - started
     return seconds
 
@@ -402,37 +380,29 @@ def markdown(summary: dict[str, Any]) -> str:
         + ("" if summary["avalanche"] else " (Avalanche not installed here)"),
         "",
     ]
-    if isinstance(speed_rows, list):
-        lines += ["| strategy | afmbench (s) | plain loop (s) | ratio | ACC afmbench / plain |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        lines += [
-            f"| {r['strategy']} | {r['afmbench_s']:.1f} | {r['plain_s']:.1f} | "
-            f"{r['ratio']:.2f} | {r['acc']:.3f} / {r['plain_acc']:.3f} |"
-            for r in speed_rows
-        ]
-    else:
-        lines.append(f"failed: {speed_rows['error']}")
+    lines += _table(
+        speed_rows, "| strategy | afmbench (s) | plain loop (s) | ratio | ACC afmbench / plain |",
+        lambda r: f"| {r['strategy']} | {r['afmbench_s']:.1f} | {r['plain_s']:.1f} | "
+        f"{r['ratio']:.2f} | {r['acc']:.3f} / {r['plain_acc']:.3f} |",
+    )  # fmt: skip
     resnet = summary["resnet18_augment"]
     lines += ["", "(d) ResNet-18 (width 20) with crop and flip, one generated CIFAR experience, "
               "second epoch:", ""]  # fmt: skip
-    if isinstance(resnet, list):
-        lines += ["| batch | afmbench (images/s) | plain loop (images/s) | plain / afmbench |",
-                  "|---|---|---|---|"]  # fmt: skip
-        lines += [
-            f"| {r['batch_size']} | {r['afmbench_images_s']:.0f} | "
-            f"{r['plain_images_s']:.0f} | {r['ratio']:.2f} |"
-            for r in resnet
-        ]
-    else:
-        lines.append(f"failed: {resnet['error']}")
+    lines += _table(
+        resnet, "| batch | afmbench (images/s) | plain loop (images/s) | plain / afmbench |",
+        lambda r: f"| {r['batch_size']} | {r['afmbench_images_s']:.0f} | "
+        f"{r['plain_images_s']:.0f} | {r['ratio']:.2f} |",
+    )  # fmt: skip
     seconds = sum(v for k, v in summary.items() if k.endswith("_s") and isinstance(v, float))
     lines += ["", f"The whole check took {seconds:.0f} s.", ""]
     return "\n".join(lines)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _table(rows: list | dict, header: str, row: Callable[[dict], str]) -> list[str]:
+    """A part's rows as a Markdown table under ``header``, or its error line if it failed."""
+    if not isinstance(rows, list):
+        return [f"failed: {rows['error']}"]
+    return [header, "|---" * header.count("|", 1) + "|", *map(row, rows)]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,3 +55,9 @@ def run_cli(
         env={**os.environ, **(env or {})},
         cwd=REPO,
     )
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` as an idx file of unsigned bytes (MNIST's format)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()

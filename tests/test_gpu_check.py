@@ -4,7 +4,6 @@ on the CPU, in a Python that cannot import Avalanche, Hydra or W&B (as on the GP
 import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +14,13 @@ import torch
 
 from afmbench.errors import DataNotFoundError
 from afmbench.scenarios.sources import read_mnist_like
+from tests.conftest import idx_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 BLOCK = "import sys\nfor name in ('avalanche', 'hydra', 'wandb'):\n    sys.modules[name] = None\n"
-
-
-def idx(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
-    return header + array.astype(np.uint8).tobytes()
 
 
 def fake_mnist(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str, np.ndarray]:
@@ -43,7 +36,7 @@ def fake_mnist(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str,
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name, array in arrays.items():
-        (raw / f"{name}.gz").write_bytes(gzip.compress(idx(array)))
+        (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
     return arrays
 
 
@@ -58,7 +51,7 @@ def test_the_reader_gives_the_archives_contents(tmp_path):
 def test_a_truncated_archive_is_one_line_naming_it(tmp_path):
     fake_mnist(tmp_path)
     path = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
-    path.write_bytes(gzip.compress(idx(np.zeros(200))[:-5]))
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(200))[:-5]))
     with pytest.raises(
         DataNotFoundError, match="t10k-labels-idx1-ubyte.gz is missing, unread"
     ) as e:

@@ -1,9 +1,7 @@
 """Scenarios: protocols, class orders, the tensor cache, and equality with Avalanche's own output."""
 
 import gzip
-import math
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from afmbench.errors import ConfigError, DataNotFoundError
 from afmbench.scenarios import build_scenario
 from afmbench.scenarios.cache import decode, encode
 from afmbench.scenarios.sources import extracted_root, prepare_mnist_like
+from tests.conftest import idx_bytes
 
 
 def test_split_digits_task_protocol_has_one_two_way_head_per_task():
@@ -246,10 +245,7 @@ def test_read_only_data_root_with_archives_only_works(mnist_root, tmp_path):
 
 def _idx(shape: tuple[int, ...], seed: int) -> bytes:
     """An idx file (MNIST's format) of unsigned bytes with the given shape."""
-    header = bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
-    return (
-        header + np.random.default_rng(seed).integers(0, 256, math.prod(shape), np.uint8).tobytes()
-    )
+    return idx_bytes(np.random.default_rng(seed).integers(0, 256, shape, np.uint8))
 
 
 @pytest.mark.parametrize("damage", ["truncated archive", "truncated file", "not idx"])

@@ -106,14 +106,19 @@ def check_idx(path: Path) -> None:
     """Raise ``ValueError`` unless ``path`` is a whole idx file (the MNIST format): its header
     gives the element type and every dimension, hence the exact size."""
     with open(path, "rb") as handle:
-        header = handle.read(4)
-        if len(header) < 4 or header[:2] != b"\0\0" or header[2] not in IDX_ITEM_BYTES:
-            raise ValueError("not an idx file")
-        ndim = header[3]
-        dims = struct.unpack(f">{ndim}I", handle.read(4 * ndim))
-    expected = 4 + 4 * ndim + IDX_ITEM_BYTES[header[2]] * math.prod(dims)
+        item, dims, offset = idx_layout(handle.read(4 + 4 * 255))
+    expected = offset + item * math.prod(dims)
     if path.stat().st_size != expected:
         raise ValueError(f"{path.stat().st_size} bytes where its header says {expected}")
+
+
+def idx_layout(head: bytes) -> tuple[int, tuple[int, ...], int]:
+    """From the first bytes of an idx file: the bytes per element, the dimensions and where the
+    data starts. ``ValueError`` (``struct.error`` if cut short) when it is not one."""
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_ITEM_BYTES:
+        raise ValueError("not an idx file")
+    ndim = head[3]
+    return IDX_ITEM_BYTES[head[2]], struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim]), 4 + 4 * ndim
 
 
 def read_mnist_like(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
@@ -126,16 +131,15 @@ def read_mnist_like(name: str, root: Path) -> tuple[ImageSplit, ImageSplit]:
         path = source / f if (source / f).is_file() else source / f"{f}.gz"
         try:
             data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-            ndim = data[3]
-            dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-            if data[2] != 0x08 or len(data) != 4 + 4 * ndim + math.prod(dims):
+            _, dims, offset = idx_layout(data)
+            if data[2] != 0x08 or len(data) != offset + math.prod(dims):
                 raise ValueError("not a whole idx file of bytes")
-        except (OSError, EOFError, zlib.error, ValueError, IndexError, struct.error) as exc:
+        except (OSError, EOFError, zlib.error, ValueError, struct.error) as exc:
             raise DataNotFoundError(
                 f"{name} file {path} is missing, unreadable or incomplete ({exc})",
                 f"put the original {name} archives (torchvision layout) in {source}",
             ) from None
-        body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        body = np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
         arrays.append(torch.from_numpy(body.copy()))
     x_tr, y_tr, x_te, y_te = arrays
     return (x_tr, y_tr.long()), (x_te, y_te.long())

@@ -50,8 +50,6 @@ class MemoryPlugin(ContinualPlugin):
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         if self.selection == "balanced":
             x, y, t = (v.to(pl_module.device) for v in pl_module.train_split)
-            if pl_module.task_id is not None:
-                t = torch.full_like(t, pl_module.task_id)
             self.buffer.select_balanced(x, y, t, self.generator)
 
     def replay_batch(self, module: ContinualModule) -> tuple[torch.Tensor, ...] | None:
