@@ -68,6 +68,22 @@ PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
             "hsu2018_split_mnist_task/offline": _hsu("offline (joint)", 99.52, 0.16),
         },
     ),
+    "buzzega2020_seq_mnist": (
+        "Buzzega et al. 2020 (arXiv 2004.07211), Seq-MNIST, class-IL column, buffer 500; the "
+        "authors' repository aimagelab/mammoth keeps the table in README.md at its first commit "
+        "(7ab9db9), means without their spread (the paper averages 10 runs).",
+        {
+            f"buzzega2020_seq_mnist/{arm}": Published(label, mean, None, "sd", 10)
+            for arm, label, mean in (
+                ("sgd", "SGD (naive)", 19.60),
+                ("joint", "JOINT", 95.57),
+                ("lwf", "LwF", 19.62),
+                ("er", "ER", 86.12),
+                ("agem", "A-GEM", 46.66),
+                ("derpp", "DER++", 91.00),
+            )
+        },
+    ),
     "vandeven2019_split_mnist": (
         "van de Ven & Tolias 2019 (arXiv 1904.07734), Split MNIST; figures as given to us, **not "
         "confirmed at the source** (the paper's text could not be reached here; their repository "

@@ -171,6 +171,29 @@ def test_cached_scenario_is_read_back_without_rebuilding(monkeypatch):
     assert torch.equal(again.train(1)[0], first.train(1)[0])
 
 
+def test_every_seed_shares_one_cache_folder_where_the_class_order_is_fixed(tmp_path, monkeypatch):
+    """With a fixed class order the seed does not reach the tensors (Avalanche materializes the
+    same ones for two seeds), so a sweep over seeds materializes them once; a shuffled order
+    depends on the seed and keeps a folder per seed."""
+    import afmbench.scenarios.cache as cache
+
+    apart = [build_scenario("split_digits", n_experiences=2, seed=s, cache=str(tmp_path / f"own{s}"))
+             for s in (0, 1)]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(apart[0].train(1), apart[1].train(1)))
+    shared = str(tmp_path / "shared")
+    first = build_scenario("split_digits", n_experiences=2, seed=0, cache=shared)
+    with monkeypatch.context() as patch:
+        patch.setattr(cache, "materialize", lambda *a, **k: pytest.fail("materialized again"))
+        second = build_scenario("split_digits", n_experiences=2, seed=1, cache=shared)
+    assert torch.equal(second.train(1)[0], first.train(1)[0])
+    assert second.params["seed"] == 1  # a validation split still follows the run's seed
+    for seed in (0, 1):
+        build_scenario(
+            "split_digits", n_experiences=2, seed=seed, class_order="shuffled", cache=shared
+        )
+    assert len([p for p in (tmp_path / "shared" / "scenarios").iterdir() if p.is_dir()]) == 3
+
+
 def test_missing_mnist_names_the_files_and_where(tmp_path):
     with pytest.raises(DataNotFoundError) as info:
         build_scenario("split_mnist", root=str(tmp_path / "empty"), cache=str(tmp_path / "cache"))

@@ -123,16 +123,20 @@ def cached_scenario(
     cache: Path,
     source: Path | None = None,
     write: Callable[[Any, Path, str], None] | None = None,
+    seeded: bool = True,
 ) -> Scenario:
     """Return the scenario from the cache, materializing ``build_benchmark()`` first if needed.
 
     ``source`` (the data root) is part of the key: another folder may hold other files.
+    ``seeded=False`` says the seed does not change the tensors (a fixed class order), so it is
+    left out of the key and runs of every seed share one folder.
     Concurrent processes (DDP ranks, sweep jobs) wait on a file lock so one of them writes.
     ``write(benchmark, folder, name)`` fills the folder (default: :func:`materialize`).
     """
     if _checking_only.get():
         raise _Checked
-    folder = cache / "scenarios" / f"{name}-{cache_key(name, params, source)}"
+    key = params if seeded else {k: v for k, v in params.items() if k != "seed"}
+    folder = cache / "scenarios" / f"{name}-{cache_key(name, key, source)}"
     if not (folder / "meta.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder.with_suffix(".lock")):

@@ -117,7 +117,9 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
     build = partial(
         _split_benchmark, dataset, n_experiences, protocol, seed, order, data_root(root)
     )
-    return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
+    return cached_scenario(
+        name, protocol, params, build, cache_root(cache), data_root(root), seeded=order is None
+    )
 
 
 def _split_benchmark(dataset, n_experiences, protocol, seed, order, root):

@@ -40,7 +40,9 @@ def split_digits(
         n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
     )
     build = partial(_split_benchmark, n_experiences, protocol, seed, order)
-    return cached_scenario("split_digits", protocol, params, build, cache_root(cache))
+    return cached_scenario(
+        "split_digits", protocol, params, build, cache_root(cache), seeded=order is None
+    )
 
 
 def permuted_digits(

@@ -93,7 +93,9 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
         data_root(root),
         cache_root(cache),
     )
-    return cached_scenario(name, protocol, params, build, cache_root(cache), data_root(root))
+    return cached_scenario(
+        name, protocol, params, build, cache_root(cache), data_root(root), seeded=order is None
+    )
 
 
 def _permuted(n_experiences, protocol, seed, root, cache):
