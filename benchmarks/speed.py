@@ -6,7 +6,8 @@ the same MLP, batch size and SGD for every contender:
   (a) afmbench end to end: ``afmbench.run`` with its run folder, importance passes,
       evaluation on every test set after every experience and checkpoints;
   (b) a plain PyTorch loop over the same preloaded tensors doing the same training (same
-      seeds, same batch order) and the same importance computations: the floor;
+      seeds, same batch order), the same importance computations and, for ER and A-GEM, the
+      same replay draws from the same buffer: the floor;
   (c) Avalanche's strategy (Naive, EWC, SynapticIntelligence, MAS) on Avalanche's own
       PermutedMNIST with its per-sample data pipeline, each strength set for equal ACC (see
       ``run_avalanche``; its SI with copied weight snapshots, see ``copying_si_weights``).
@@ -64,7 +65,9 @@ from afmbench.loader import TensorLoader
 from afmbench.loop import experience_seed
 from afmbench.persample import per_sample_grad_sums
 from afmbench.plugin import ContinualPlugin
-from afmbench.strategies import EWC, MAS, SI, ANPyC
+from afmbench.replay import ReplayBuffer
+from afmbench.strategies import AGEM, ER, EWC, MAS, SI, ANPyC
+from afmbench.strategies.agem import project
 from afmbench.strategies.anpyc import entropy_score
 from afmbench.strategies.ewc import log_likelihoods
 from afmbench.strategies.mas import squared_norm
@@ -86,6 +89,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mas": {"lambda_": 1.0},
     "anpyc": {"lambda_": 1.0},
     "ewc+fl": {"lambda_": 100.0},
+    "er": {"buffer_size": 500, "replay_batch_size": 32, "selection": "reservoir"},
+    "agem": {"buffer_size": 500, "replay_batch_size": 256, "selection": "balanced"},
 }
 #: The forgetting layer's settings (the callback's defaults, spelled out for the plain loop).
 LAYER: dict[str, Any] = {"rho": 4.0, "lambda_f": 0.1, "beta": 1e-5, "mode": "shortcut"}
@@ -148,7 +153,8 @@ def _plugins(name: str) -> list[ContinualPlugin]:
         return []
     if name == "ewc+fl":
         return [EWC(**settings), ForgettingLayerCallback(**LAYER)]
-    return [{"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC}[name](**settings)]
+    kinds = {"ewc": EWC, "si": SI, "mas": MAS, "anpyc": ANPyC, "er": ER, "agem": AGEM}
+    return [kinds[name](**settings)]
 
 
 # -- (b) the plain loop ----------------------------------------------------------------
@@ -163,7 +169,10 @@ def run_plain(name: str, scenario, seed: int, device: torch.device) -> Timing:
     params = dict(model.named_parameters())
     terms: list[tuple[dict, dict]] = []  # (Ω, θ*) pairs of the quadratic penalty
     # the first setting is each method's strength; EWC's penalty carries a 1/2
-    strength = next(iter(SETTINGS[name].values()), 0.0) * (0.5 if "ewc" in name else 1.0)
+    strength = (0.0 if name in REPLAY else next(iter(SETTINGS[name].values()), 0.0)) * (
+        0.5 if "ewc" in name else 1.0
+    )
+    replay = PlainReplay(name, seed) if name in REPLAY else None
     tests = [on(scenario.test(j), device) for j in range(scenario.n_experiences)]
     timing = Timing(0.0, 0.0)
     started = start_clock(device)
@@ -177,13 +186,19 @@ def run_plain(name: str, scenario, seed: int, device: torch.device) -> Timing:
         start = {n: p.detach().clone() for n, p in params.items()}
         model.train()
         epoch_started = clock(device)
-        train_step = PlainStep(model, optimizer, gates, strength)
+        train_step = PlainStep(model, optimizer, gates, strength, replay)
         si = PathIntegral.of(params, path) if name == "si" else None
-        for x, y, _ in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
+        if replay:
+            replay.start(step)
+        for x, y, t in TensorLoader(split, BATCH, shuffle=True, seed=experience_seed(seed, step)):
             train_step(x, y, terms, si)
+            if replay:
+                replay.after_batch(x, y, t)
         timing.epoch_s.append(clock(device) - epoch_started)
         pass_started = clock(device)
         terms = _consolidate(name, model, split, terms, path, start)
+        if replay:
+            replay.after_experience(split)
         if gates:  # Ω per unit over the experience, then the sparsity probe on 2048 samples
             neuron_importance(model, TensorLoader(split, PASS_BATCH))
             unit_means(
@@ -223,6 +238,7 @@ class PlainStep:
     optimizer: torch.optim.Optimizer
     gates: list
     strength: float
+    replay: PlainReplay | None = None
     layer: dict[str, Any] = field(default_factory=lambda: LAYER)
 
     def __post_init__(self) -> None:
@@ -237,6 +253,8 @@ class PlainStep:
     ) -> None:
         params, layer = self.params, self.layer
         loss = F.cross_entropy(self.model(x, 0), y)
+        if self.replay and self.replay.name == "er":
+            loss = loss + self.replay.loss(self.model)
         if self.gates:
             h = [g.last_input for g in self.gates]
             s = [g.last_gate for g in self.gates]
@@ -256,6 +274,8 @@ class PlainStep:
                     params[n].grad.addcmul_(
                         omega[n], params[n] - anchor[n], value=2 * self.strength
                     )
+        if self.replay and self.replay.name == "agem":
+            self.replay.project(self.model)
         self.optimizer.step()
         if si:  # ω += −g_task Δθ
             with torch.no_grad():
@@ -263,6 +283,57 @@ class PlainStep:
                     si.path[n].addcmul_(si.grad[n], si.before[n].sub_(p))
         for gate in self.gates:
             gate.forget_batch()
+
+
+REPLAY = ("er", "agem")
+
+
+@dataclass
+class PlainReplay:
+    """ER's and A-GEM's memory in the plain loop: afmbench's buffer (a data structure, as the
+    loader is), drawn from a generator seeded per experience as the plugins seed theirs, so
+    both routes replay the same samples. ER adds a replay batch's cross-entropy to the loss;
+    A-GEM projects the gradient against a memory batch's before the step."""
+
+    name: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        settings = SETTINGS[self.name]
+        self.batch = settings["replay_batch_size"]
+        self.buffer = ReplayBuffer(settings["buffer_size"], settings["selection"])
+        self.generator = torch.Generator()
+
+    def start(self, step: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + step * 7919 + 1)
+
+    def sample(self) -> tuple[torch.Tensor, ...] | None:
+        return self.buffer.sample(self.batch, self.generator) if len(self.buffer) else None
+
+    def loss(self, model: torch.nn.Module) -> torch.Tensor | float:
+        drawn = self.sample()
+        return F.cross_entropy(model(drawn[0], 0), drawn[1]) if drawn else 0.0
+
+    def project(self, model: torch.nn.Module) -> None:
+        drawn = self.sample()
+        if drawn is None:
+            return
+        params = list(model.parameters())
+        reference = torch.autograd.grad(F.cross_entropy(model(drawn[0], 0), drawn[1]), params)
+        g = torch.cat([p.grad.flatten() for p in params])
+        projected = project(g, torch.cat([r.flatten() for r in reference]))
+        if projected is not g:
+            with torch.no_grad():
+                for p, part in zip(params, projected.split([p.numel() for p in params])):
+                    p.grad.copy_(part.view_as(p))
+
+    def after_batch(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        if self.buffer.selection == "reservoir":
+            self.buffer.add_reservoir(x, y, t, self.generator)
+
+    def after_experience(self, split: tuple[torch.Tensor, ...]) -> None:
+        if self.buffer.selection == "balanced":
+            self.buffer.select_balanced(*split, self.generator)
 
 
 def _consolidate(name, model, split, terms, path, start):

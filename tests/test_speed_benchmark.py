@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 speed = pytest.importorskip("speed")
 
 
-@pytest.mark.parametrize("name", ["si", "ewc+fl"])
+@pytest.mark.parametrize("name", ["si", "ewc+fl", "er", "agem"])
 def test_plain_loop_trains_the_same_model_as_afmbench(name, mnist_root, monkeypatch):
     """(b) is only a floor for (a) if it does the same training: same seeds, batch order,
     penalty gradients, SI path integral, forgetting-layer losses and importance passes. Both
