@@ -68,6 +68,7 @@ class ContinualModule(LightningModule):
         self._optimizer: torch.optim.Optimizer | None = None
         self._epoch_params: dict[str, Tensor] | None = None
         self.augment: CropFlip | None = None
+        self._unaugmented: tuple[Tensor | None] = (None,)  # a tuple: __setattr__'s fast path
         # the batch the loss is being computed on and its detached logits, as one tuple: a
         # plain value takes __setattr__'s fast path every step (see below), a tensor does not
         self._batch_record: tuple[tuple[Tensor, Tensor, Tensor] | None, Tensor | None] = (
@@ -276,11 +277,24 @@ class ContinualModule(LightningModule):
             self.augment.start_epoch(self.seed, self.experience, self.current_epoch, self.device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Training batches, once on the device, augmented (evaluation's never are)."""
-        if self.augment is None or self._trainer is None or not self.trainer.training:
+        """Training batches, once on the device, augmented (evaluation's never are); the
+        inputs as loaded stay in :attr:`unaugmented`."""
+        if not self.augmenting:
             return batch
         x, *rest = batch
+        self._unaugmented = (x,)
         return (self.augment(x), *rest)
+
+    @property
+    def augmenting(self) -> bool:
+        """Whether training batches are being augmented now (never outside training)."""
+        return self.augment is not None and self._trainer is not None and self.trainer.training
+
+    @property
+    def unaugmented(self) -> Tensor | None:
+        """The current training batch's inputs as loaded, before augmentation (None without
+        augmentation): what replay stores, to augment afresh whenever it is drawn."""
+        return self._unaugmented[0] if self.augmenting else None
 
     def on_train_epoch_end(self) -> None:
         self._epoch_params = None

@@ -105,9 +105,7 @@ def bounded_chunk(
         outputs[m] = outputs.get(m, 0) + (out.numel() if isinstance(out, Tensor) else 0)
 
     handles = [
-        m.register_forward_hook(record)
-        for m in model.modules()
-        if next(m.children(), None) is None
+        m.register_forward_hook(record) for m in model.modules() if next(m.children(), None) is None
     ]
     try:
         with torch.no_grad():

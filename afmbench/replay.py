@@ -111,6 +111,9 @@ class ReplayBuffer:
             self.t = torch.zeros(0, dtype=t.dtype, device=t.device)
             self.x = self._empty_like(x)
             self.z = None if z is None else z.new_zeros(0, *z.shape[1:])
+        # encode before growing: a batch that needs more than 256 values per channel turns the
+        # stored codes back into floats, and the rows added below must be of the stored kind
+        stored = self._encode(x)
         if size > len(self):
             grow = size - len(self)
             self.y = torch.cat([self.y, y.new_zeros(grow)])
@@ -120,7 +123,7 @@ class ReplayBuffer:
                 self.z = torch.cat([self.z, self.z.new_zeros(grow, *self.z.shape[1:])])
         slots = slots.to(self.y.device)
         self.y[slots], self.t[slots] = y, t
-        self.x[slots] = self._encode(x)
+        self.x[slots] = stored
         if self.z is not None:
             self.z[slots] = z
 

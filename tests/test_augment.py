@@ -10,7 +10,7 @@ from afmbench.augment import CropFlip, crop_flip, make_augmentation
 from afmbench.errors import ConfigError
 from afmbench.module import ContinualModule
 from afmbench.scenarios.base import Scenario
-from afmbench.strategies import EWC
+from afmbench.strategies import ER, EWC, DERpp
 
 
 def test_the_same_offsets_give_torchvisions_random_crop_and_flip_per_sample():
@@ -109,6 +109,35 @@ def test_training_batches_are_augmented_and_evaluation_and_importance_passes_are
     assert sum(rows_of_data(trained)) < len(trained) / 4  # nearly all cropped or flipped
     assert torch.equal(torch.cat(seen["eval"][:2]), torch.cat([data, data]))  # tasks 0 and 1
     assert seen["pass"] and all(all(rows_of_data(b)) for b in seen["pass"])
+
+
+@pytest.mark.parametrize("make", [lambda: ER(buffer_size=16, replay_batch_size=8),
+                                  lambda: DERpp(buffer_size=16, replay_batch_size=8)])  # fmt: skip
+def test_replay_keeps_inputs_as_loaded_and_augments_each_draw_afresh(make):
+    """Replay stores the training inputs before augmentation and augments every replayed batch
+    anew (as the DER paper's code does), never replaying one frozen crop."""
+    drawn = []
+    plugin = make()
+    replay_batch = plugin.replay_batch
+
+    def watch(module):
+        batch = replay_batch(module)
+        if batch is not None:
+            drawn.append(batch[0].clone())
+        return batch
+
+    plugin.replay_batch = watch
+    scenario = _images()
+    data = torch.cat([scenario.train(0)[0], scenario.train(1)[0]])
+
+    def rows_of_data(images):
+        return [any(torch.equal(image, row) for row in data) for image in images]
+
+    _run(scenario, plugins=[plugin], augment="crop_flip")
+    stored = plugin.buffer.samples()[0]
+    assert len(stored) == 16 and all(rows_of_data(stored))  # as loaded
+    replayed = torch.cat(drawn)
+    assert sum(rows_of_data(replayed)) < len(replayed) / 4  # nearly all cropped or flipped
 
 
 def test_an_augmented_run_differs_from_a_plain_one_and_repeats_exactly():

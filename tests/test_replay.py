@@ -72,6 +72,22 @@ def test_eight_bit_images_are_stored_as_codes_and_read_back_exactly():
     assert torch.equal(buffer.samples()[0], torch.cat([x, noisy]))
 
 
+@pytest.mark.parametrize("first_batch", ["floats", "codes"])
+def test_images_with_more_than_256_values_are_stored_as_floats_from_any_batch_on(first_batch):
+    """Inputs that no 256-entry table holds are kept as they come, whether the first batch or a
+    later one brings more values than a code can index."""
+    g = torch.Generator().manual_seed(0)
+    eight_bit = torch.randint(0, 256, (6, 3, 8, 8), generator=g).float() / 255
+    floats = torch.randn(6, 3, 8, 8, generator=g)  # 384 values a channel
+    batches = [floats, eight_bit] if first_batch == "floats" else [eight_bit, floats]
+    buffer = ReplayBuffer(12, "reservoir")
+    for i, x in enumerate(batches):
+        buffer.add_reservoir(x, torch.arange(6) + 6 * i, torch.zeros(6, dtype=torch.long), g)
+    x, y, _ = buffer.samples()
+    assert x.dtype == torch.float32 and buffer.table is None
+    assert torch.equal(x[y.argsort()], torch.cat(batches))
+
+
 def test_agem_projects_a_conflicting_gradient_and_leaves_an_agreeing_one():
     g, g_ref = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
     projected = project(g, g_ref)
@@ -141,7 +157,7 @@ def test_the_derpp_loss_is_alpha_mse_on_logits_plus_beta_cross_entropy():
     z[3:, 2] = float("-inf")  # head 1 has two outputs: MultiHead's padding
     plugin = DERpp(buffer_size=10, replay_batch_size=10, alpha=0.3, beta=0.7)
     plugin.buffer.add_reservoir(x, y, t, g, z=z)
-    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"), augmenting=False)
     out = model(x, t)
     finite = torch.isfinite(z)
     expected = 0.3 * (out[finite] - z[finite]).square().mean() + 0.7 * F.cross_entropy(out, y)

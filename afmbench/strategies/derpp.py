@@ -10,7 +10,7 @@ from torch import Tensor
 
 from afmbench.models import side_pass
 from afmbench.strategies.base import check
-from afmbench.strategies.memory import MemoryPlugin
+from afmbench.strategies.memory import MemoryPlugin, stored_inputs
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -51,7 +51,9 @@ class DERpp(MemoryPlugin):
     def on_train_batch_end(self, trainer: Trainer, pl_module: ContinualModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:  # fmt: skip
         x, y, t = batch
-        self.buffer.add_reservoir(x.detach(), y, t, self.generator, z=pl_module.batch_logits)
+        self.buffer.add_reservoir(
+            stored_inputs(pl_module, x), y, t, self.generator, z=pl_module.batch_logits
+        )
 
 
 def logit_mse(logits: Tensor, stored: Tensor) -> Tensor:

@@ -3,7 +3,8 @@ training data as its ``selection`` says, reseeded every experience, kept in chec
 
 Under DDP each process keeps a buffer of its own, filled from its own share of the data, with
 ``buffer_size`` split evenly between the processes: together they hold ``buffer_size``
-samples, and each process replays from its own.
+samples, and each process replays from its own. With ``data.augment`` the buffer keeps the
+inputs as loaded and every replayed batch is augmented afresh, as training batches are.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class MemoryPlugin(ContinualPlugin):
                            batch: Any, batch_idx: int) -> None:  # fmt: skip
         if self.selection == "reservoir":
             x, y, t = batch
-            self.buffer.add_reservoir(x.detach(), y, t, self.generator)
+            self.buffer.add_reservoir(stored_inputs(pl_module, x), y, t, self.generator)
 
     def on_train_end(self, trainer: Trainer, pl_module: ContinualModule) -> None:
         if self.selection == "balanced":
@@ -53,11 +54,13 @@ class MemoryPlugin(ContinualPlugin):
             self.buffer.select_balanced(x, y, t, self.generator)
 
     def replay_batch(self, module: ContinualModule) -> tuple[torch.Tensor, ...] | None:
-        """A batch of stored samples on the module's device, or None while the buffer is empty."""
+        """A batch of stored samples on the module's device, augmented as training batches
+        are (drawn afresh each time), or None while the buffer is empty."""
         if not len(self.buffer):
             return None
-        return tuple(v.to(module.device) for v in
-                     self.buffer.sample(self.replay_batch_size, self.generator))  # fmt: skip
+        x, *rest = (v.to(module.device) for v in
+                    self.buffer.sample(self.replay_batch_size, self.generator))  # fmt: skip
+        return (module.augment(x) if module.augmenting else x, *rest)
 
     def run_metrics(self) -> dict[str, Any]:
         """The buffer as this process holds it: samples kept and bytes they take."""
@@ -68,3 +71,9 @@ class MemoryPlugin(ContinualPlugin):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.buffer.load_state_dict(state_dict["buffer"])
+
+
+def stored_inputs(module: ContinualModule, x: torch.Tensor) -> torch.Tensor:
+    """What replay keeps of a training batch's inputs ``x``: as loaded, not augmented."""
+    loaded = module.unaugmented
+    return (x if loaded is None else loaded).detach()
