@@ -148,13 +148,22 @@ def collect(runs: Path) -> list[str]:
                 "final_accuracy_per_task": metrics["accuracy_matrix"][-1],
                 "minutes": (metrics["train_time_s"] + metrics["eval_time_s"]) / 60,
                 "config_hash": metrics["config_hash"],
-                "command": f"afmbench run experiment={suite_dir.name} arm={arm} "
-                f"seed={metrics['seed']}",
+                "command": rerun(metrics_file.parent, suite_dir.name, arm, metrics["seed"]),
             }
         lines = [json.dumps(rows[k], sort_keys=True) for k in sorted(rows)]
         path.write_text("".join(f"{line}\n" for line in lines))
         written.append(f"{path.name}: {len(lines)} runs")
     return written
+
+
+def rerun(folder: Path, suite: str, arm: str, seed: int) -> str:
+    """The command that reruns one job of a sweep: its overrides as Hydra recorded them."""
+    recorded = folder / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        return f"afmbench run experiment={suite} arm={arm} seed={seed}"
+    overrides = [line[2:] for line in recorded.read_text().splitlines() if line.startswith("- ")]
+    first = sorted(overrides, key=lambda o: not o.startswith("experiment="))  # experiment first
+    return "afmbench run " + " ".join(first)
 
 
 def read(path: Path) -> list[dict]:

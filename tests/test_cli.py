@@ -285,6 +285,6 @@ def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path):
     board = run_cli("leaderboard", "--db", str(db), "--format", "csv")
     rows = [line for line in board.stdout.splitlines()[1:] if line.strip()]
     assert len(rows) == 2 and all("permuted_digits" in r and ",task," in r for r in rows), rows
-    metrics = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("metrics.json")]
     assert {m["strategy"] for m in metrics} == {"naive", "ewc"}
     assert all(m["forgetting_layer"] and m["protocol"] == "task" for m in metrics)
