@@ -113,3 +113,34 @@ def test_vandeven2019_counts_iterations_per_task():
         for arm in _arms("vandeven2019_split_mnist")
     }
     assert protocols == {"task", "domain", "class"}
+
+
+def test_the_families_table_reports_the_layer_at_its_best_validated_lambda_f(tmp_path, monkeypatch):
+    """benchmarks/layer_families.py: per strategy, the layer-on row is the lambda_f with the best
+    mean validation ACC over seeds, reported with its test ACC (not the best test ACC)."""
+    import json
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import layer_families
+
+    def row(name, seed, acc, val_acc):
+        return {"arm": f"layer_families/{name}", "seed": seed, "acc": acc, "val_acc": val_acc,
+                "bwt": -0.1}  # fmt: skip
+
+    rows = [
+        row("er_off_lf0", 0, 0.80, 0.79), row("er_off_lf0", 1, 0.82, 0.81),
+        # lambda_f 0.1: best on test, worse on validation; 1.0: best mean validation ACC
+        row("er_on_lf0.1", 0, 0.90, 0.70), row("er_on_lf0.1", 1, 0.90, 0.72),
+        row("er_on_lf1.0", 0, 0.84, 0.83), row("er_on_lf1.0", 1, 0.86, 0.81),
+    ]  # fmt: skip
+    (tmp_path / "layer_families.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(layer_families, "RESULTS", tmp_path)
+    (line,) = [
+        x for x in layer_families.table("layer_families").splitlines() if x.startswith("| er")
+    ]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "81.00 ± 1.41 (2)" and cells[3] == "85.00 ± 1.41 (2)"
+    assert cells[4] == "1.0 (82.00)" and cells[5] == "+4.00"
