@@ -12,7 +12,8 @@ compute the same sums:
 - **Modules whose per-sample gradient has a closed form**, given the input ``a_i`` and the
   gradient of the output ``δ_i`` captured the same way: a module with a
   ``per_sample_grads(input, grad_output)`` method (the forgetting layer's switches), and
-  :data:`RULES` for convolutions (``δ_i`` times the unfolded input, one batched matmul) and
+  :func:`rule_of` for convolutions (``δ_i`` times the unfolded input, one batched matmul; over
+  large maps one batched matmul per kernel offset on shifted windows, reduced at once) and
   normalization layers in eval mode (``Σ_positions δ_i · â_i`` for the scale, with ``â`` the
   normalized input, and ``Σ_positions δ_i`` for the shift). Their per-sample gradients are
   formed one layer at a time.
@@ -51,6 +52,11 @@ Reduction = Literal["square", "abs"]
 Method = Literal["auto", "linear", "vmap"]
 
 _REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"square": torch.square, "abs": torch.abs}
+# the same, in place: for per-sample gradients formed only to be reduced (half the memory traffic)
+_IN_PLACE: dict[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] = {
+    torch.square: Tensor.square_,
+    torch.abs: Tensor.abs_,
+}
 
 
 def per_sample_grad_sums(
@@ -208,9 +214,9 @@ def _linear_sums(
                 deltas[name] += phi(delta)
                 continue
             with torch.no_grad():  # constants: no graph may reach the sums
-                per_sample = rule_of(layers[name])(layers[name], sites[name][0], delta)
-            for key, grad in per_sample.items():
-                sums[f"{name}.{key}"] += phi(grad).sum(0)
+                reduced = _reduced(layers[name], sites[name][0], delta, _IN_PLACE[phi])
+            for key, value in reduced.items():
+                sums[f"{name}.{key}"] += value
     for name in linear:
         a = sites[name][0]
         sums[f"{name}.weight"] += deltas[name].T @ phi(a.detach())
@@ -231,6 +237,56 @@ def _self_differentiating(model: nn.Module, trainable: set[str]) -> dict[str, nn
 
 
 PerSampleRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+#: Feature maps from this many positions on take the shifted-window path of a convolution
+#: (measured faster there; the unfolded input is the larger cost on big maps, the per-offset
+#: products on small ones).
+SHIFTED_FROM = 256
+
+
+def _reduced(module: nn.Module, a: Tensor, delta: Tensor, phi_: Callable) -> dict[str, Tensor]:
+    """``Σ_i φ(g_i)`` of a closed-form module's per-sample gradients ``g_i`` (``φ`` in place)."""
+    if _shiftable(module, a):
+        return _shifted_conv_sums(module, a, delta, phi_)
+    return {key: phi_(grad).sum(0) for key, grad in rule_of(module)(module, a, delta).items()}
+
+
+def _shiftable(module: nn.Module, a: Tensor) -> bool:
+    """A stride-1, "same"-padded Conv2d with an odd square kernel, over a large feature map."""
+    return (
+        rule_of(module) is _conv_grads
+        and module.stride == (1, 1)
+        and module.dilation == (1, 1)
+        and module.kernel_size[0] == module.kernel_size[1]
+        and module.kernel_size[0] % 2 == 1
+        and module.padding == (module.kernel_size[0] // 2,) * 2
+        and a.shape[2] * a.shape[3] >= SHIFTED_FROM
+    )
+
+
+def _shifted_conv_sums(
+    conv: nn.Module, a: Tensor, delta: Tensor, phi_: Callable
+) -> dict[str, Tensor]:
+    """``Σ_i φ`` of a same-padded stride-1 convolution's per-sample gradients, one kernel offset
+    at a time and without unfolding the input: on the zero-padded input flattened row by row,
+    offset ``(u, v)`` reads a contiguous window, and the output gradient laid on the same
+    padded grid (zeros past each row) times that window is the per-sample gradient of the
+    weights at ``(u, v)``."""
+    k, p = conv.kernel_size[0], conv.padding[0]
+    n, _, h, w = a.shape
+    wide = w + 2 * p
+    padded = F.pad(F.pad(a, (p, p, p, p)).flatten(2), (0, 2 * p))  # the last window's tail
+    d = F.pad(delta, (0, 2 * p)).flatten(2)  # (n, out, h * wide)
+    weight = a.new_empty(conv.weight.shape)
+    for u in range(k):
+        for v in range(k):
+            start = u * wide + v
+            window = padded[:, :, start : start + h * wide].transpose(1, 2)
+            weight[:, :, u, v] = phi_(torch.bmm(d, window)).sum(0)
+    sums = {"weight": weight}
+    if conv.bias is not None:
+        sums["bias"] = phi_(delta.flatten(2).sum(2)).sum(0)
+    return sums
 
 
 def _conv_grads(conv: nn.Module, a: Tensor, delta: Tensor) -> dict[str, Tensor]:

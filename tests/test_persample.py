@@ -88,6 +88,32 @@ def test_a_conv_model_takes_the_closed_forms_and_matches_the_hand_loop(data) -> 
     assert_same(per_sample_grad_sums(model, nll, data, method="linear"), expected)
 
 
+class SameConvs(nn.Module):
+    """Same-padded stride-1 convolutions over 16x16 maps (the shifted-window path) and a
+    strided one (the unfolded path), then a dense head; ``forward(x, task)`` as the models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 5, padding=2, bias=False),
+            nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(128, 4),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, task: int) -> Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("reduction", ["square", "abs"])
+@pytest.mark.parametrize("terms", [nll, all_classes])
+def test_convolutions_over_large_maps_match_the_hand_loop(reduction, terms) -> None:
+    torch.manual_seed(2)
+    model, phi = SameConvs().eval(), {"square": torch.square, "abs": torch.abs}[reduction]
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(5, 2, 16, 16, generator=g), torch.randint(0, 3, (5,), generator=g)
+    expected = hand_loop(model, terms, *data, phi)
+    assert_same(per_sample_grad_sums(model, terms, data, reduction, method="linear"), expected)
+
+
 def test_gate_weights_inside_an_mlp_take_the_general_path(data) -> None:
     model = small_mlp()
     model.body.insert(3, Gate(7))  # after the first hidden activation, as the forgetting layer
