@@ -22,10 +22,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from generated import write_block
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ARMS = HERE.parent / "afmbench" / "configs" / "arm"
 PAGE = HERE / "PUBLISHED.md"
 
 
@@ -134,7 +136,7 @@ def collect(runs: Path) -> list[str]:
     for suite_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
         path = RESULTS / f"{suite_dir.name}.jsonl"
         rows = {(r["arm"], r["seed"]): r for r in read(path)}
-        for metrics_file in sorted(suite_dir.glob("*/metrics.json")):
+        for metrics_file in sorted(suite_dir.rglob("metrics.json")):
             metrics = json.loads(metrics_file.read_text())
             if metrics.get("status") != "finished":
                 continue
@@ -215,6 +217,55 @@ def table(suite: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: tuning suite -> the suite whose arms it sweeps over strengths (on a validation split)
+TUNING = {"vandeven2019_split_mnist_tuning": "vandeven2019_split_mnist"}
+
+
+def strengths(tuning: str) -> str:
+    """Strengths two ways: per arm, the authors' value beside the one with the best mean
+    validation ACC over seeds, with both test ACCs from the same (validation-split) runs."""
+    suite = TUNING[tuning]
+    runs: dict[str, dict[float, list[dict]]] = {}
+    for row in read(RESULTS / f"{tuning}.jsonl"):
+        arm, _, value = row["arm"].split("/", 1)[1].rpartition("_s")
+        runs.setdefault(arm, {}).setdefault(float(value), []).append(row)
+    lines = [
+        f"Command: `afmbench run -m experiment={tuning} arm={suite}/<arm> "
+        "strategy.<strength>=<values> seed=0,1` per arm, then `python benchmarks/published.py "
+        "collect table`. A tenth of every class held out; ACC (%) mean over seeds.",
+        "",
+        "| method | authors' value | chosen on validation | validation ACC, chosen / authors' "
+        "| test ACC, chosen / authors' | values tried (seeds) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in sorted(runs, key=lambda a: (("task", "domain", "class").index(a.split("_")[0]), a)):
+        by_value = runs[arm]
+        authors = authors_strength(suite, arm)
+        chosen = max(by_value, key=lambda v: statistics.fmean(r["val_acc"] for r in by_value[v]))
+
+        seeds = sorted({len(rows) for rows in by_value.values()})
+        lines.append(
+            f"| {_label(arm)} | {authors:g} | {chosen:g}"
+            + (" (the same)" if chosen == authors else "")
+            + f" | {_percent(by_value, chosen, 'val_acc')} / {_percent(by_value, authors, 'val_acc')}"
+            f" | {_percent(by_value, chosen, 'acc')} / {_percent(by_value, authors, 'acc')} | "
+            f"{', '.join(f'{v:g}' for v in sorted(by_value))} ({'/'.join(map(str, seeds))}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _percent(by_value: dict[float, list[dict]], value: float, key: str) -> str:
+    """Mean ``key`` in percent over the runs at ``value``, or "-" where none ran."""
+    rows = by_value.get(value)
+    return f"{statistics.fmean(100 * r[key] for r in rows):.2f}" if rows else "-"
+
+
+def authors_strength(suite: str, arm: str) -> float:
+    """The strength an arm of ``suite`` sets (``lambda_``, or SI's ``c``)."""
+    strategy = yaml.safe_load((ARMS / suite / f"{arm}.yaml").read_text())["strategy"]
+    return float(strategy.get("lambda_", strategy.get("c")))
+
+
 METHODS = {"none": "none", "joint": "joint", "ewc": "EWC", "online_ewc": "online EWC",
            "si": "SI", "mas": "MAS"}  # fmt: skip
 
@@ -239,6 +290,8 @@ def main() -> int:
         suites = sorted(PUBLISHED)  # other suites' results have pages of their own
         for suite in suites:
             write_block(PAGE, suite, table(suite))
+        for tuning in TUNING:
+            write_block(PAGE, tuning, strengths(tuning))
         print(f"wrote {PAGE} ({', '.join(suites)})")
     return 0
 

@@ -144,3 +144,43 @@ def test_the_families_table_reports_the_layer_at_its_best_validated_lambda_f(tmp
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "81.00 ± 1.41 (2)" and cells[3] == "85.00 ± 1.41 (2)"
     assert cells[4] == "1.0 (82.00)" and cells[5] == "+4.00"
+
+
+def test_strengths_two_ways_reports_the_best_validated_value_beside_the_authors(
+    tmp_path, monkeypatch
+):
+    """benchmarks/published.py: the tuning table picks, per arm, the strength with the best mean
+    validation ACC over seeds and names the authors' value from the arm's YAML."""
+    import json
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import published
+
+    def row(value, seed, acc, val_acc):
+        arm = f"vandeven2019_split_mnist_tuning/task_si_s{value}"
+        return {"arm": arm, "seed": seed, "acc": acc, "val_acc": val_acc}
+
+    rows = [row(5, 0, 0.99, 0.95), row(5, 1, 0.99, 0.95),  # best test, worse validation
+            row(50, 0, 0.97, 0.96), row(50, 1, 0.95, 0.96),  # the authors' c (arm YAML)
+            row(500, 0, 0.90, 0.97), row(500, 1, 0.92, 0.97)]  # fmt: skip
+    (tmp_path / "vandeven2019_split_mnist_tuning.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    monkeypatch.setattr(published, "RESULTS", tmp_path)
+    (line,) = [x for x in published.strengths("vandeven2019_split_mnist_tuning").splitlines()
+               if x.startswith("| task-IL SI")]  # fmt: skip
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:5] == ["50", "500", "97.00 / 96.00", "91.00 / 96.00"]
+    assert cells[5] == "5, 50, 500 (2)"
+
+
+def test_the_tuning_suite_is_its_suite_on_a_validation_split():
+    for arm in _arms("vandeven2019_split_mnist"):
+        tuned = load_config(["experiment=vandeven2019_split_mnist_tuning", f"arm={arm}"])
+        plain = load_config(["experiment=vandeven2019_split_mnist", f"arm={arm}"])
+        assert tuned.scenario.validation == 0.1, arm
+        tuned.scenario.validation = plain.scenario.validation
+        assert OmegaConf.to_container(tuned) == OmegaConf.to_container(plain), arm
