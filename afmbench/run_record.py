@@ -130,7 +130,10 @@ class RunRecord:
         rank)."""
         if trainer.is_global_zero:
             matrix, held_out = module.accuracies(slice(1, step + 2))
-            curve = [float(np.mean(matrix[i, : i + 1])) for i in range(len(matrix))]
+            # the tasks learned so far: every task for a joint run's one row
+            curve = [
+                float(np.mean(row if self.joint else row[: i + 1])) for i, row in enumerate(matrix)
+            ]
             self.reporter.after_experience(
                 step, matrix, curve, plugins, self.logged_steps, held_out
             )

@@ -141,6 +141,19 @@ def test_short_epochs_log_once_each_without_lightning_warning(tmp_path):
         assert float(row["eval/avg_acc"]) == pytest.approx(np.mean(matrix[i][: i + 1]))
 
 
+def test_a_joint_runs_logged_average_accuracy_covers_every_task(tmp_path):
+    scenario = afmbench.build_scenario("split_digits", n_experiences=5)
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[16])
+    logger = make_logger({"name": "csv"}, tmp_path)
+    afmbench.run(scenario, model, joint=True, run_dir=tmp_path, logger=logger, verbose=False)
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        (row,) = [row for row in csv.DictReader(handle) if row["eval/avg_acc"]]
+    (accuracies,) = json.loads((tmp_path / "metrics.json").read_text())["accuracy_matrix"]
+    assert float(row["eval/avg_acc"]) == pytest.approx(np.mean(accuracies))
+    assert np.ptp(accuracies) > 0.01  # task 0 alone would differ from the mean
+
+
 def test_figures_are_drawn_on_request_or_later_by_afmbench_plot(tmp_path):
     out = run_cli("run", "logger=none", f"run_dir={tmp_path}", "trainer.enable_progress_bar=false")
     assert out.returncode == 0, out.stderr[-2000:]
