@@ -105,16 +105,32 @@ def _permuted_run(plugins, seed=0, **kwargs):
                         optimizer=OptimizerConfig(lr=0.05), verbose=False, **kwargs)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "make",
-    [lambda: ER(buffer_size=200), lambda: AGEM(buffer_size=200),
-     lambda: DERpp(buffer_size=200), lambda: LwF(alpha=1.0)],
-    ids=["er", "agem", "derpp", "lwf"],
-)  # fmt: skip
-def test_replay_beats_naive_on_three_permuted_tasks(make):
-    naive = _permuted_run([]).metrics["acc"]
-    ours = _permuted_run([make()])
-    assert ours.metrics["acc"] > naive + 0.03, (ours.metrics["acc"], naive)
+def _mnist_run(name, protocol, plugins, root, tasks):
+    scenario = afmbench.build_scenario(name, n_experiences=tasks, protocol=protocol, seed=0,
+                                       root=str(root))  # fmt: skip
+    afmbench.seed_everything(0)
+    model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[64])
+    return afmbench.run(scenario, model, plugins, max_epochs=1, batch_size=64, verbose=False,
+                        optimizer=OptimizerConfig(lr=0.05),
+                        trainer_kwargs={"limit_train_batches": 150})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_replay_beats_naive_on_three_permuted_mnist_tasks_and_lwf_on_split_mnist(mnist_root):
+    """150 batches of 64 a task on the real archives. LwF distils the old model on the new
+    task's inputs, which a pixel permutation makes meaningless to it (it stays within a point
+    of naive there, as in van de Ven & Tolias's tables); on Split MNIST it helps."""
+    permuted = ("permuted_mnist", "domain")
+    naive = _mnist_run(*permuted, [], mnist_root, 3).metrics["acc"]
+    for make in (lambda: ER(buffer_size=200), lambda: AGEM(buffer_size=200),
+                 lambda: DERpp(buffer_size=200)):  # fmt: skip
+        plugin = make()
+        acc = _mnist_run(*permuted, [plugin], mnist_root, 3).metrics["acc"]
+        assert acc > naive + 0.03, (plugin.name, acc, naive)
+    split = ("split_mnist", "domain")
+    naive = _mnist_run(*split, [], mnist_root, 5).metrics["acc"]
+    acc = _mnist_run(*split, [LwF(alpha=1.0)], mnist_root, 5).metrics["acc"]
+    assert acc > naive + 0.03, ("lwf", acc, naive)
 
 
 def test_a_replay_run_repeats_exactly_and_its_buffer_reloads(tmp_path):
