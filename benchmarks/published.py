@@ -267,7 +267,7 @@ def authors_strength(suite: str, arm: str) -> float:
 
 
 METHODS = {"none": "none", "joint": "joint", "ewc": "EWC", "online_ewc": "online EWC",
-           "si": "SI", "mas": "MAS"}  # fmt: skip
+           "si": "SI", "mas": "MAS", "er": "ER", "agem": "A-GEM", "lwf": "LwF"}  # fmt: skip
 
 
 def _label(arm: str) -> str:
