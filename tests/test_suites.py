@@ -178,7 +178,8 @@ def test_strengths_two_ways_reports_the_best_validated_value_beside_the_authors(
 
 
 def test_the_tuning_suite_is_its_suite_on_a_validation_split():
-    for arm in _arms("vandeven2019_split_mnist"):
+    tuned_arms = [a for a in _arms("vandeven2019_split_mnist") if a.endswith(("ewc", "si", "mas"))]
+    for arm in tuned_arms:  # the arms with a strength to tune
         tuned = load_config(["experiment=vandeven2019_split_mnist_tuning", f"arm={arm}"])
         plain = load_config(["experiment=vandeven2019_split_mnist", f"arm={arm}"])
         assert tuned.scenario.validation == 0.1, arm
