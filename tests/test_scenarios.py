@@ -251,6 +251,32 @@ def test_split_mnist_tensors_equal_avalanche(mnist_root, session_cache):
     assert ours.classes == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
 
+def test_mnist_unnormalized_keeps_pixels_in_zero_one_and_the_default_keys_unchanged(
+    mnist_root, monkeypatch
+):
+    """``normalize=False`` skips Avalanche's Normalize(0.1307, 0.3081): the same pixels, in [0, 1]
+    with a zero background. The default adds no parameter, so earlier runs keep their config hash
+    and cache folder."""
+    import afmbench.scenarios.mnist as mnist
+
+    normalized = build_scenario(
+        "split_mnist", n_experiences=5, protocol="task", seed=0, root=str(mnist_root)
+    )  # fmt: skip  (cached by the test above)
+    built = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(mnist, "cached_scenario", lambda name, protocol, params, build, *a, **k:
+                      built.setdefault(params.get("normalize", True), (params, build)))  # fmt: skip
+        for normalize in (True, False):
+            mnist.split_mnist(n_experiences=5, seed=0, normalize=normalize, root=str(mnist_root))
+    assert "normalize" not in built[True][0] and built[False][0]["normalize"] is False
+    raw = built[False][1]()  # Avalanche's benchmark without its Normalize
+    x, y, _ = normalized.train(1)
+    for i in (0, 1, 500):
+        x01, y01 = raw.train_stream[1].dataset[i][:2]
+        assert y01 == y[i] and x01.min() == 0 and x01.max() == 1
+        torch.testing.assert_close(x01, x[i] * 0.3081 + 0.1307, rtol=0, atol=1e-6)
+
+
 def test_read_only_data_root_with_archives_only_works(mnist_root, tmp_path):
     """The shared data folder holds only .gz archives; extraction goes to the cache."""
     root = prepare_mnist_like("MNIST", mnist_root, tmp_path)

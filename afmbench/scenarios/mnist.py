@@ -1,4 +1,9 @@
-"""Permuted MNIST, Split MNIST and Split Fashion-MNIST, from Avalanche's classic benchmarks."""
+"""Permuted MNIST, Split MNIST and Split Fashion-MNIST, from Avalanche's classic benchmarks.
+
+Pixels are normalized with the data set's mean and standard deviation, as Avalanche's benchmarks
+do by default; ``normalize=False`` keeps them in [0, 1] (zero background), as the code of van de
+Ven & Tolias and of Buzzega et al. feeds them to its networks.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ def permuted_mnist(
     n_experiences: int = 10,
     protocol: str = "domain",
     seed: int = 0,
+    normalize: bool = True,
     root: str | None = None,
     cache: str | None = None,
 ) -> Scenario:
@@ -33,11 +39,14 @@ def permuted_mnist(
     check_protocol(protocol, ("domain", "task"), "permuted_mnist")
     check_positive_experiences(n_experiences)
     params = scenario_params(n_experiences=n_experiences, protocol=protocol, seed=seed)
+    params.update(_unless_normalized(normalize))
     return cached_scenario(
         "permuted_mnist",
         protocol,
         params,
-        partial(_permuted, n_experiences, protocol, seed, data_root(root), cache_root(cache)),
+        partial(
+            _permuted, n_experiences, protocol, seed, normalize, data_root(root), cache_root(cache)
+        ),
         cache_root(cache),
         data_root(root),
     )
@@ -48,11 +57,14 @@ def split_mnist(
     protocol: str = "task",
     seed: int = 0,
     class_order: ClassOrder = "natural",
+    normalize: bool = True,
     root: str | None = None,
     cache: str | None = None,
 ) -> Scenario:
     """MNIST's ten digits in ``n_experiences`` groups of consecutive classes (0/1, 2/3, ...)."""
-    return _split("MNIST", "split_mnist", n_experiences, protocol, seed, class_order, root, cache)
+    return _split(
+        "MNIST", "split_mnist", n_experiences, protocol, seed, class_order, normalize, root, cache
+    )
 
 
 def split_fashion_mnist(
@@ -60,6 +72,7 @@ def split_fashion_mnist(
     protocol: str = "task",
     seed: int = 0,
     class_order: ClassOrder = "natural",
+    normalize: bool = True,
     root: str | None = None,
     cache: str | None = None,
 ) -> Scenario:
@@ -71,18 +84,28 @@ def split_fashion_mnist(
         protocol,
         seed,
         class_order,
+        normalize,
         root,
         cache,
     )
 
 
-def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cache) -> Scenario:
+def _unless_normalized(normalize: bool) -> dict[str, bool]:
+    """``normalize`` as a scenario parameter only where it is off, so the default leaves the
+    parameters (hence every earlier run's config hash and cache folder) as they were."""
+    return {} if normalize else {"normalize": False}
+
+
+def _split(
+    dataset, name, n_experiences, protocol, seed, class_order, normalize, root, cache
+) -> Scenario:
     check_protocol(protocol, ("task", "domain", "class"), name)
     check_divides(n_experiences, 10, dataset)
     order = fixed_order(class_order, 10)
     params = scenario_params(
         n_experiences=n_experiences, protocol=protocol, seed=seed, class_order=class_order
     )
+    params.update(_unless_normalized(normalize))
     build = partial(
         _split_benchmark,
         dataset,
@@ -90,6 +113,7 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
         protocol,
         seed,
         order,
+        normalize,
         data_root(root),
         cache_root(cache),
     )
@@ -98,7 +122,12 @@ def _split(dataset, name, n_experiences, protocol, seed, class_order, root, cach
     )
 
 
-def _permuted(n_experiences, protocol, seed, root, cache):
+def _transforms(normalize: bool) -> dict[str, None]:
+    """Avalanche's default transforms (its Normalize), or none: pixels as loaded, in [0, 1]."""
+    return {} if normalize else {"train_transform": None, "eval_transform": None}
+
+
+def _permuted(n_experiences, protocol, seed, normalize, root, cache):
     from avalanche.benchmarks.classic import PermutedMNIST
 
     return PermutedMNIST(
@@ -106,10 +135,11 @@ def _permuted(n_experiences, protocol, seed, root, cache):
         return_task_id=protocol == "task",
         seed=seed,
         dataset_root=prepare_mnist_like("MNIST", root, cache),
+        **_transforms(normalize),
     )
 
 
-def _split_benchmark(dataset, n_experiences, protocol, seed, order, root, cache):
+def _split_benchmark(dataset, n_experiences, protocol, seed, order, normalize, root, cache):
     from avalanche.benchmarks.classic import SplitFMNIST, SplitMNIST
 
     make = SplitMNIST if dataset == "MNIST" else SplitFMNIST
@@ -122,4 +152,5 @@ def _split_benchmark(dataset, n_experiences, protocol, seed, order, root, cache)
         class_ids_from_zero_in_each_exp=flags["class_ids_from_zero_in_each_exp"],
         class_ids_from_zero_from_first_exp=flags["class_ids_from_zero_from_first_exp"],
         dataset_root=prepare_mnist_like(dataset, root, cache),
+        **_transforms(normalize),
     )
