@@ -27,6 +27,8 @@ from generated import write_block
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+# runs of the van de Ven and Buzzega suites on normalized MNIST, before they set normalize=false
+NORMALIZED = RESULTS / "normalized"
 ARMS = HERE.parent / "afmbench" / "configs" / "arm"
 PAGE = HERE / "PUBLISHED.md"
 
@@ -172,11 +174,11 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def table(suite: str) -> str:
-    """The comparison table of ``suite``: one row per arm."""
+def table(suite: str, results: Path = RESULTS) -> str:
+    """The comparison table of ``suite``: one row per arm, from ``results/<suite>.jsonl``."""
     source, figures = PUBLISHED.get(suite, ("", {}))
     by_arm: dict[str, list[dict]] = {}
-    for row in read(RESULTS / f"{suite}.jsonl"):
+    for row in read(results / f"{suite}.jsonl"):
         by_arm.setdefault(row["arm"], []).append(row)
     lines = [
         f"Command: `afmbench run -m experiment={suite}`, then `python benchmarks/published.py "
@@ -290,6 +292,11 @@ def main() -> int:
         suites = sorted(PUBLISHED)  # other suites' results have pages of their own
         for suite in suites:
             write_block(PAGE, suite, table(suite))
+            if (NORMALIZED / f"{suite}.jsonl").is_file():  # the earlier runs, kept for comparison
+                earlier = (
+                    "Earlier runs, on Avalanche's normalized MNIST (add `scenario.normalize=true`):"
+                )
+                write_block(PAGE, f"{suite}-normalized", f"{earlier}\n\n{table(suite, NORMALIZED)}")
         for tuning in TUNING:
             write_block(PAGE, tuning, strengths(tuning))
         print(f"wrote {PAGE} ({', '.join(suites)})")
