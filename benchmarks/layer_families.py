@@ -30,9 +30,9 @@ FAMILIES = {
     "er": "replay", "agem": "replay", "derpp": "replay", "lwf": "distillation",
 }  # fmt: skip
 SETTINGS = {
-    "layer_families": "Split MNIST, domain-incremental, van de Ven & Tolias's protocol (MLP 2x400, "
-    "Adam lr 1e-3 for the whole run, batch 128, 2000 iterations a task), a tenth of the "
-    "training data held out for validation",
+    "layer_families": "Split MNIST (normalized), domain-incremental, van de Ven & Tolias's training "
+    "protocol (MLP 2x400, Adam lr 1e-3 for the whole run, batch 128, 2000 iterations a task), a "
+    "tenth of the training data held out for validation",
     "afm_fig5": "the AFM paper's Fig. 5 setting (Permuted MNIST, 10 tasks, task-incremental, "
     "MLP 784-512-256, SGD lr 0.01 momentum 0.9, batch 64, 1 epoch a task), lambda_f 1 "
     "chosen on held-out training data (benchmark 2)",

@@ -6,7 +6,7 @@ protocol, masks it to the current task's two classes; with one Adam for the whol
 units of earlier tasks get zero gradients but keep moving on Adam's carried momentum. afmbench
 gives each task a head of its own, which receives no gradient (and no update) once its task is
 over. This script trains the same MLP 2x400 (Adam lr 1e-3 for the whole run, batch 128, 2000
-iterations a task) in a plain PyTorch loop with either output layer, and through afmbench, and
+iterations a task, pixels in [0, 1]) in a plain PyTorch loop with either output layer, and through afmbench, and
 writes the ACC of each to ``benchmarks/PUBLISHED.md``.
 
     python benchmarks/vandeven_heads.py --seeds 0 1 2 3 4     # about 40 minutes on one core
@@ -84,7 +84,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     options = parser.parse_args()
-    scenario = afmbench.build_scenario("split_mnist", n_experiences=TASKS, protocol="task")
+    scenario = afmbench.build_scenario(
+        "split_mnist", n_experiences=TASKS, protocol="task", normalize=False
+    )  # pixels in [0, 1], as their code feeds them
     routes = {
         "plain loop, one 10-unit output layer masked to the task (their code)": lambda s: plain(
             scenario, s, masked=True
