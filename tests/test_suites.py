@@ -185,3 +185,13 @@ def test_the_tuning_suite_is_its_suite_on_a_validation_split():
         assert tuned.scenario.validation == 0.1, arm
         tuned.scenario.validation = plain.scenario.validation
         assert OmegaConf.to_container(tuned) == OmegaConf.to_container(plain), arm
+
+
+@pytest.mark.parametrize(
+    "suite, normalize",
+    [("vandeven2019_split_mnist", False), ("vandeven2019_permuted_mnist", False),
+     ("buzzega2020_seq_mnist", False), ("hsu2018_split_mnist_task", True)],
+)  # fmt: skip
+def test_suites_feed_mnist_as_the_authors_code_does(suite, normalize):
+    """van de Ven & Tolias's and Mammoth's code feed pixels in [0, 1]; Hsu et al. normalize."""
+    assert load_config([f"experiment={suite}"]).scenario.normalize is normalize
