@@ -102,7 +102,8 @@ def main() -> int:
     seeds = " ".join(map(str, options.seeds))
     lines = [
         f"Command: `python benchmarks/vandeven_heads.py --seeds {seeds}`. Task-IL Split MNIST, "
-        "none, MLP 2x400, Adam lr 1e-3 for the whole run, batch 128, 2000 iterations a task.",
+        "none, pixels in [0, 1], MLP 2x400, Adam lr 1e-3 for the whole run, batch 128, 2000 "
+        "iterations a task.",
         "",
         "| route | ACC (%) mean ± sd | per seed |",
         "|---|---|---|",
