@@ -186,7 +186,7 @@ def run_plain(name: str, scenario, seed: int, device: torch.device) -> Timing:
         start = {n: p.detach().clone() for n, p in params.items()}
         model.train()
         epoch_started = clock(device)
-        train_step = PlainStep(model, optimizer, gates, strength, replay)
+        train_step = PlainStep(model, optimizer, gates, strength, replay=replay)
         si = PathIntegral.of(params, path) if name == "si" else None
         if replay:
             replay.start(step)
@@ -238,8 +238,8 @@ class PlainStep:
     optimizer: torch.optim.Optimizer
     gates: list
     strength: float
-    replay: PlainReplay | None = None
     layer: dict[str, Any] = field(default_factory=lambda: LAYER)
+    replay: PlainReplay | None = None
 
     def __post_init__(self) -> None:
         self.params = dict(self.model.named_parameters())

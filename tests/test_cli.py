@@ -258,7 +258,7 @@ def test_version_is_afmbench_s_not_hydra_s(capsys):
         assert f"torch {version('torch')}" in out and f"lightning {version('lightning')}" in out
 
 
-def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path):
+def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from afmbench.config import CONFIG_NAME, config_dir
@@ -282,8 +282,9 @@ def test_afm_fig5_experiment_sweeps_the_papers_arms(tmp_path):
                   "forgetting=on", "seed=0", "logger=none", f"leaderboard.db={db}", QUIET,
                   f"run_dir={tmp_path / 'sweep'}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    board = run_cli("leaderboard", "--db", str(db), "--format", "csv")
-    rows = [line for line in board.stdout.splitlines()[1:] if line.strip()]
+    capsys.readouterr()
+    assert main(["leaderboard", "--db", str(db), "--format", "csv"]) == 0  # in this process
+    rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
     assert len(rows) == 2 and all("permuted_digits" in r and ",task," in r for r in rows), rows
     metrics = [json.loads(p.read_text()) for p in (tmp_path / "sweep").rglob("metrics.json")]
     assert {m["strategy"] for m in metrics} == {"naive", "ewc"}

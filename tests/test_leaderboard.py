@@ -278,7 +278,7 @@ def test_add_refuses_an_unfinished_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content", ["text", "other-table"])
-def test_an_unusable_leaderboard_is_one_line_before_anything_runs(tmp_path, content):
+def test_an_unusable_leaderboard_is_one_line_before_anything_runs(tmp_path, content, capsys):
     import sqlite3
 
     from tests.conftest import run_cli
@@ -291,14 +291,13 @@ def test_an_unusable_leaderboard_is_one_line_before_anything_runs(tmp_path, cont
         con.execute("CREATE TABLE runs (name TEXT)")
         con.commit()
         con.close()
-    for command in (
-        ["leaderboard", "--db", str(board)],
-        ["run", f"leaderboard.db={board}", f"run_dir={tmp_path / 'run'}", "logger=none"],
-    ):
-        proc = run_cli(*command)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-        assert f"cannot use the leaderboard {board}" in proc.stderr
+    assert leaderboard_command(["--db", str(board)]) == 2
+    shown = capsys.readouterr().err
+    proc = run_cli("run", f"leaderboard.db={board}", f"run_dir={tmp_path / 'run'}", "logger=none")
+    assert proc.returncode == 2, proc.stderr
+    for stderr in (shown, proc.stderr):
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr
+        assert f"cannot use the leaderboard {board}" in stderr
     assert not (tmp_path / "run").exists()
 
 
