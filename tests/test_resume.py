@@ -60,7 +60,8 @@ def test_ctrl_c_records_an_interrupted_run_that_resumes(tmp_path):
     """SIGINT (Ctrl-C) mid-experience: one line with the resume command, exit code 130,
     status ``interrupted`` with the finished experiences kept; resuming completes the run."""
     folder = tmp_path / "stopped"
-    args = [*ARGS, "scenario.n_experiences=2", "logger=none"]
+    # 20 epochs an experience: the second one outlasts the signal's way in on a fast machine
+    args = [*ARGS, "scenario.n_experiences=2", "trainer.max_epochs=20", "logger=none"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "afmbench", "run", *args, f"run_dir={folder}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
