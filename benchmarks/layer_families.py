@@ -63,6 +63,17 @@ def _acc(rows: list[dict]) -> str:
     return f"{statistics.fmean(accs):.2f}{sd} ({len(accs)})"
 
 
+def _change(on: list[dict], off: list[dict]) -> str:
+    """On minus off, ± its standard error (unpaired: sqrt(s_on²/n_on + s_off²/n_off))."""
+    if not on or not off:
+        return "-"
+    change = _mean(on, "acc") - _mean(off, "acc")
+    if min(len(on), len(off)) < 2:
+        return f"{change:+.2f}"
+    se = sum(statistics.variance([100 * r["acc"] for r in rows]) / len(rows) for rows in (on, off))
+    return f"{change:+.2f} ± {se**0.5:.2f}"
+
+
 def table(suite: str) -> str:
     """One row per strategy: the layer off, the layer on at its validated lambda_f, the change."""
     runs = groups(suite)
@@ -76,7 +87,7 @@ def table(suite: str) -> str:
         )  # fmt: skip
         + ", then `python benchmarks/published.py collect` and `python benchmarks/layer_families.py`.",
         "",
-        "| strategy | family | ACC, layer off | ACC, layer on | lambda_f (val ACC) | change | "
+        "| strategy | family | ACC, layer off | ACC, layer on | lambda_f (val ACC) | change ± s.e. | "
         "BWT off / on |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -92,7 +103,7 @@ def table(suite: str) -> str:
         )
         on = candidates.get(chosen, [])
         picked = f"{chosen} ({_mean(on, 'val_acc'):.2f})" if on and validated else (chosen or "-")
-        change = f"{_mean(on, 'acc') - _mean(off, 'acc'):+.2f}" if on and off else "-"
+        change = _change(on, off)
         bwt = " / ".join(
             f"{_mean(rows, 'bwt'):.1f}" if rows and rows[0]["bwt"] is not None else "-"
             for rows in (off, on)

@@ -143,7 +143,8 @@ def test_the_families_table_reports_the_layer_at_its_best_validated_lambda_f(tmp
     ]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "81.00 ± 1.41 (2)" and cells[3] == "85.00 ± 1.41 (2)"
-    assert cells[4] == "1.0 (82.00)" and cells[5] == "+4.00"
+    # the change's standard error: sqrt(2/2 + 2/2), both groups' sample variances being 2
+    assert cells[4] == "1.0 (82.00)" and cells[5] == "+4.00 ± 1.41"
 
 
 def test_strengths_two_ways_reports_the_best_validated_value_beside_the_authors(
