@@ -155,6 +155,8 @@ def collect(runs: Path) -> list[str]:
                 "command": rerun(metrics_file.parent, suite_dir.name, arm, metrics["seed"]),
             }
         lines = [json.dumps(rows[k], sort_keys=True) for k in sorted(rows)]
+        if not lines:  # a suite under way with nothing finished yet: no empty results file
+            continue
         path.write_text("".join(f"{line}\n" for line in lines))
         written.append(f"{path.name}: {len(lines)} runs")
     return written

@@ -200,3 +200,40 @@ def test_suites_feed_mnist_as_the_authors_code_does(suite, normalize):
     assert scenario.normalize is normalize
     shuffled = suite == "vandeven2019_split_mnist"
     assert scenario.get("class_order", "natural") == ("shuffled" if shuffled else "natural")
+
+
+def test_collect_merges_finished_runs_and_writes_nothing_for_a_suite_under_way(
+    tmp_path, monkeypatch
+):
+    """benchmarks/published.py collect: a finished run becomes a row with the command that
+    reruns it (from Hydra's record); an unfinished one is skipped, and a suite with nothing
+    finished yet gets no (empty) results file."""
+    import json
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import published
+
+    def job(suite, folder, status):
+        path = tmp_path / "runs" / suite / folder
+        (path / ".hydra").mkdir(parents=True)
+        (path / ".hydra" / "overrides.yaml").write_text(
+            f"- seed=1\n- experiment={suite}\n- arm={suite}/ewc\n"
+        )
+        metrics = {"status": status, "seed": 1, "acc": 0.9, "bwt": -0.1, "config_hash": "abc",
+                   "accuracy_matrix": [[0.9, 0.1], [0.8, 1.0]], "train_time_s": 60.0,
+                   "eval_time_s": 6.0}  # fmt: skip
+        (path / "metrics.json").write_text(json.dumps(metrics))
+
+    job("done_suite", "ewc_seed1", "finished")
+    job("done_suite", "si_seed1", "running")
+    job("new_suite", "ewc_seed1", "interrupted")
+    monkeypatch.setattr(published, "RESULTS", tmp_path / "results")
+    assert published.collect(tmp_path / "runs") == ["done_suite.jsonl: 1 runs"]
+    assert not (tmp_path / "results" / "new_suite.jsonl").exists()
+    (row,) = published.read(tmp_path / "results" / "done_suite.jsonl")
+    assert row["arm"] == "done_suite/ewc" and row["final_accuracy_per_task"] == [0.8, 1.0]
+    assert row["minutes"] == 1.1 and row["val_acc"] is None
+    assert row["command"] == "afmbench run experiment=done_suite seed=1 arm=done_suite/ewc"
