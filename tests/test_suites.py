@@ -1,6 +1,8 @@
 """The published-protocol suites: every arm of every suite's sweep composes into the run it
 names, at the protocol the suite states."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,11 @@ from omegaconf import OmegaConf
 from afmbench.compose import load_config
 from afmbench.config import config_dir
 from afmbench.runner import plan
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import layer_families  # noqa: E402  (benchmarks/ scripts, importable once on the path)
+import published  # noqa: E402
 
 SUITES = sorted(
     path.stem
@@ -118,13 +125,6 @@ def test_vandeven2019_counts_iterations_per_task():
 def test_the_families_table_reports_the_layer_at_its_best_validated_lambda_f(tmp_path, monkeypatch):
     """benchmarks/layer_families.py: per strategy, the layer-on row is the lambda_f with the best
     mean validation ACC over seeds, reported with its test ACC (not the best test ACC)."""
-    import json
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import layer_families
 
     def row(name, seed, acc, val_acc):
         return {"arm": f"layer_families/{name}", "seed": seed, "acc": acc, "val_acc": val_acc,
@@ -152,13 +152,6 @@ def test_strengths_two_ways_reports_the_best_validated_value_beside_the_authors(
 ):
     """benchmarks/published.py: the tuning table picks, per arm, the strength with the best mean
     validation ACC over seeds and names the authors' value from the arm's YAML."""
-    import json
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import published
 
     def row(value, seed, acc, val_acc):
         arm = f"vandeven2019_split_mnist_tuning/task_si_s{value}"
@@ -208,13 +201,6 @@ def test_collect_merges_finished_runs_and_writes_nothing_for_a_suite_under_way(
     """benchmarks/published.py collect: a finished run becomes a row with the command that
     reruns it (from Hydra's record); an unfinished one is skipped, and a suite with nothing
     finished yet gets no (empty) results file."""
-    import json
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import published
 
     def job(suite, folder, status):
         path = tmp_path / "runs" / suite / folder
