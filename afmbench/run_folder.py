@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +34,12 @@ def prepare_run_dir(
     """Create the run folder (or another output folder, named ``option`` in the error) and
     prove it is writable before any work starts."""
     run_dir = Path(path).expanduser()
-    probe = run_dir / ".write-test"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        # A probe file of this process's own: two runs probing one folder at once must not
+        # delete each other's.
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test"):
+            pass
     except OSError as exc:
         raise ConfigError(
             f"{option} {run_dir} is not writable ({exc.strerror or exc})",

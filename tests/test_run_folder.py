@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import afmbench
-from afmbench.errors import FolderInUseError
-from afmbench.run_folder import LOCK, owned
+from afmbench.errors import ConfigError, FolderInUseError
+from afmbench.run_folder import LOCK, owned, prepare_run_dir
 from tests.conftest import REPO
 
 QUIET = ("logger=none", "trainer.enable_progress_bar=false", "leaderboard.record=false")
@@ -98,3 +99,25 @@ def test_two_jobs_of_a_sweep_that_resolve_to_one_folder(tmp_path):
     assert f"1 job(s) of the sweep failed: {sweep / 'same'}" in out.stderr
     metrics = json.loads((sweep / "same" / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["seed"] == 0  # the first job's, intact
+
+
+def test_folders_probed_by_many_runs_at_once_are_all_writable(tmp_path):
+    """Every run proves its folder writable before it starts; probes made at the same moment
+    into one folder must not remove each other's files (a false "not writable")."""
+    start, errors = threading.Barrier(4), []
+
+    def probe() -> None:
+        start.wait()
+        try:
+            for _ in range(500):
+                prepare_run_dir(tmp_path / "one")
+        except ConfigError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=probe) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert list((tmp_path / "one").iterdir()) == []
