@@ -14,30 +14,13 @@ import torch
 
 from afmbench.errors import DataNotFoundError
 from afmbench.scenarios.sources import read_mnist_like
-from tests.conftest import idx_bytes
+from tests.conftest import fake_mnist, idx_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 BLOCK = "import sys\nfor name in ('avalanche', 'hydra', 'wandb'):\n    sys.modules[name] = None\n"
-
-
-def fake_mnist(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str, np.ndarray]:
-    """The four MNIST archives with learnable images: class c brightens row band c."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        y = np.arange(n) % 10
-        x = rng.integers(0, 60, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 2 * c + 3 : 2 * c + 6] = 250
-        arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"] = x, y
-    raw = folder / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name, array in arrays.items():
-        (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
-    return arrays
 
 
 def test_the_reader_gives_the_archives_contents(tmp_path):

@@ -11,7 +11,7 @@ from afmbench.errors import ConfigError, DataNotFoundError
 from afmbench.scenarios import build_scenario
 from afmbench.scenarios.cache import decode, encode
 from afmbench.scenarios.sources import extracted_root, prepare_mnist_like
-from tests.conftest import idx_bytes
+from tests.conftest import fake_mnist, idx_bytes
 
 
 def test_split_digits_task_protocol_has_one_two_way_head_per_task():
@@ -360,3 +360,53 @@ def test_two_data_roots_never_share_their_extracted_files(tmp_path):
         extracted = (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
         original = tmp_path / folder / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
         assert extracted == gzip.decompress(original.read_bytes())
+
+
+def _unique_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.unique(x.reshape(len(x), -1), dim=0)
+
+
+def test_padded_permuted_mnist_pads_before_permuting(tmp_path):
+    from afmbench.scenarios.common import permutations
+
+    arrays = fake_mnist(tmp_path, n_train=60, n_test=30)
+    scenario = build_scenario(
+        "permuted_mnist", n_experiences=3, seed=4, pad=2, normalize=False, root=str(tmp_path)
+    )
+    assert scenario.input_shape == (1, 32, 32) and scenario.params["pad"] == 2
+    padded = torch.nn.functional.pad(
+        torch.from_numpy(arrays["train-images-idx3-ubyte"]).float().div(255), (2, 2, 2, 2)
+    ).reshape(60, -1)
+    zero_positions = []
+    for e, perm in enumerate(permutations(3, 32 * 32, seed=4)):
+        x, y, _ = scenario.train(e)
+        unpermuted = torch.empty_like(x.reshape(len(x), -1))
+        unpermuted[:, perm] = x.reshape(len(x), -1)  # position perm[i] went to i
+        assert torch.equal(_unique_rows(unpermuted), _unique_rows(padded))
+        assert torch.equal(torch.bincount(y), torch.bincount(torch.arange(60) % 10))
+        zero_positions.append(set(torch.nonzero(x.reshape(len(x), -1).amax(0) == 0).flatten()))
+    # the 240 padded positions are scattered differently in every experience
+    assert all(len(z) >= 240 for z in zero_positions)
+    assert zero_positions[0] != zero_positions[1] != zero_positions[2]
+
+
+def test_unpadded_tensor_route_equals_avalanches_permuted_mnist(tmp_path, session_cache):
+    from avalanche.benchmarks.classic import PermutedMNIST
+
+    from afmbench.scenarios.base import Scenario
+    from afmbench.scenarios.mnist import _permuted_padded
+
+    fake_mnist(tmp_path, n_train=60, n_test=30)
+    ours = Scenario.from_avalanche(
+        _permuted_padded(3, "domain", 7, True, 0, tmp_path), protocol="domain", name="ours"
+    )
+    theirs = PermutedMNIST(
+        3, seed=7, dataset_root=prepare_mnist_like("MNIST", tmp_path, session_cache)
+    )
+    _assert_equal_to_avalanche(ours, theirs)
+
+
+@pytest.mark.parametrize("pad", [-1, 1.5, True])
+def test_bad_padding_is_one_clear_line(pad):
+    with pytest.raises(ConfigError, match=r"scenario.pad\b.* must be a whole number"):
+        build_scenario("permuted_mnist", pad=pad)

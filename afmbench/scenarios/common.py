@@ -89,6 +89,33 @@ def permutations(n_experiences: int, n_pixels: int, seed: int) -> list[Tensor]:
     return [torch.from_numpy(rng.permutation(n_pixels)).long() for _ in range(n_experiences)]
 
 
+def permuted_benchmark(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    n_experiences: int,
+    protocol: str,
+    seed: int,
+):
+    """Avalanche's ``nc_benchmark`` over ready image tensors ``(x, y)``, one fixed pixel
+    permutation per experience (drawn by :func:`permutations`), as PermutedMNIST builds it."""
+    from avalanche.benchmarks import nc_benchmark
+
+    def permuted(x: Tensor, perm: Tensor) -> Tensor:
+        return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
+
+    (x_tr, y_tr), (x_te, y_te) = train, test
+    perms = permutations(n_experiences, x_tr[0].numel(), seed)
+    return nc_benchmark(
+        [LabelledTensors(permuted(x_tr, p), y_tr) for p in perms],
+        [LabelledTensors(permuted(x_te, p), y_te) for p in perms],
+        n_experiences,
+        task_labels=protocol == "task",
+        shuffle=False,
+        one_dataset_per_exp=True,
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
 class LabelledTensors(Dataset):
     """Ready tensors with a ``targets`` attribute, the shape Avalanche's generators expect."""
 

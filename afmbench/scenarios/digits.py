@@ -18,7 +18,7 @@ from afmbench.scenarios.common import (
     check_positive_experiences,
     check_protocol,
     fixed_order,
-    permutations,
+    permuted_benchmark,
     scenario_params,
     split_flags,
 )
@@ -80,20 +80,4 @@ def _split_benchmark(n_experiences, protocol, seed, order):
 
 
 def _permuted_benchmark(n_experiences, protocol, seed):
-    from avalanche.benchmarks import nc_benchmark
-
-    (x_tr, y_tr), (x_te, y_te) = _tensors()
-
-    def permuted(x, perm):
-        return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
-
-    perms = permutations(n_experiences, x_tr[0].numel(), seed)
-    return nc_benchmark(
-        [LabelledTensors(permuted(x_tr, p), y_tr) for p in perms],
-        [LabelledTensors(permuted(x_te, p), y_te) for p in perms],
-        n_experiences,
-        task_labels=protocol == "task",
-        shuffle=False,
-        one_dataset_per_exp=True,
-        class_ids_from_zero_in_each_exp=True,
-    )
+    return permuted_benchmark(*_tensors(), n_experiences, protocol, seed)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch.nn.functional as F
+from torch import Tensor
+
+from afmbench.errors import ConfigError
 from afmbench.scenarios.base import Scenario
 from afmbench.scenarios.cache import cached_scenario
 from afmbench.scenarios.common import (
@@ -17,10 +21,19 @@ from afmbench.scenarios.common import (
     check_positive_experiences,
     check_protocol,
     fixed_order,
+    permuted_benchmark,
     scenario_params,
     split_flags,
 )
-from afmbench.scenarios.sources import cache_root, data_root, prepare_mnist_like
+from afmbench.scenarios.sources import (
+    cache_root,
+    data_root,
+    prepare_mnist_like,
+    read_mnist_like,
+)
+
+# Avalanche's MNIST normalization (its default transforms), for padded scenarios built here
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def permuted_mnist(
@@ -28,6 +41,7 @@ def permuted_mnist(
     protocol: str = "domain",
     seed: int = 0,
     normalize: bool = True,
+    pad: int = 0,
     root: str | None = None,
     cache: str | None = None,
 ) -> Scenario:
@@ -35,21 +49,29 @@ def permuted_mnist(
 
     ``domain``: one shared 10-way head, no task label (the usual setting);
     ``task``: one head per permutation, task label given (the AFM paper's setting).
+    ``pad``: zero pixels added on every side *before* permuting (2 gives van de Ven & Tolias's
+    32x32 images). The permutation then scatters each task's digits over a different subset of
+    the input positions, which changes how much the tasks interfere; Avalanche's PermutedMNIST
+    cannot pad first, so a padded scenario is built from the archives' tensors with the same
+    permutation draws.
     """
     check_protocol(protocol, ("domain", "task"), "permuted_mnist")
     check_positive_experiences(n_experiences)
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise ConfigError(
+            f"scenario.pad={pad!r} must be a whole number of pixels, 0 or more",
+            "e.g. scenario.pad=2 (28x28 -> 32x32)",
+        )
     params = scenario_params(n_experiences=n_experiences, protocol=protocol, seed=seed)
     params.update(_unless_normalized(normalize))
-    return cached_scenario(
-        "permuted_mnist",
-        protocol,
-        params,
-        partial(
-            _permuted, n_experiences, protocol, seed, normalize, data_root(root), cache_root(cache)
-        ),
-        cache_root(cache),
-        data_root(root),
+    params.update({"pad": pad} if pad else {})  # unpadded runs keep their hash and cache
+    source = data_root(root), cache_root(cache)
+    build = (
+        partial(_permuted_padded, n_experiences, protocol, seed, normalize, pad, source[0])
+        if pad
+        else partial(_permuted, n_experiences, protocol, seed, normalize, *source)
     )
+    return cached_scenario("permuted_mnist", protocol, params, build, source[1], source[0])
 
 
 def split_mnist(
@@ -137,6 +159,18 @@ def _permuted(n_experiences, protocol, seed, normalize, root, cache):
         dataset_root=prepare_mnist_like("MNIST", root, cache),
         **_transforms(normalize),
     )
+
+
+def _permuted_padded(n_experiences, protocol, seed, normalize, pad, root):
+    from torchvision.transforms.functional import normalize as normalize_image
+
+    train, test = read_mnist_like("MNIST", root)
+
+    def prepared(split: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x = F.pad(split[0].unsqueeze(1).float().div(255), (pad,) * 4)  # as ToTensor, then zeros
+        return (normalize_image(x, [MNIST_MEAN], [MNIST_STD]) if normalize else x), split[1]
+
+    return permuted_benchmark(prepared(train), prepared(test), n_experiences, protocol, seed)
 
 
 def _split_benchmark(dataset, n_experiences, protocol, seed, order, normalize, root, cache):
