@@ -63,6 +63,7 @@ def run(
     augment: str | None = None,
     resident: bool | None = None,
     pass_memory_mb: float = 256.0,
+    pass_precision: str = "32-true",
 ) -> RunResult:
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
 
@@ -74,7 +75,8 @@ def run(
     ``run_dir``, continues an interrupted one, and otherwise starts afresh. A finished run is added to the SQLite
     ``leaderboard`` file when one is given. ``augment="crop_flip"`` augments training batches;
     ``resident`` holds each experience's data on the device (None: on CUDA devices only);
-    ``pass_memory_mb`` bounds the working memory of per-sample importance passes.
+    ``pass_memory_mb`` bounds the working memory of per-sample importance passes, and
+    ``pass_precision="bf16-mixed"`` runs them under bfloat16 autocast.
     """
     plugins = check_inputs(scenario, model, plugins)
     if not isinstance(figures, bool):
@@ -82,7 +84,7 @@ def run(
     trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
     check_loop_options(max_epochs, batch_size, eval_batch_size, trainer_kwargs)
     settings = LoopSettings(joint, batch_size, eval_batch_size, seed, trainer_kwargs, verbose,
-                            augment, resident, float(pass_memory_mb))  # fmt: skip
+                            augment, resident, float(pass_memory_mb), pass_precision)  # fmt: skip
     return start(
         scenario, model, plugins, settings, optimizer or OptimizerConfig(), run_dir,
         lambda _folder: logger, resume=resume, leaderboard=leaderboard,
@@ -108,7 +110,8 @@ def start(
     """Run checked inputs end to end. ``config`` is the command line's resolved configuration
     (kept as ``config.yaml`` and logged as the hyperparameters)."""
     identity = run_identity(scenario, model, plugins, settings.joint, optimizer,
-                            settings.batch_size, settings.trainer_kwargs, settings.augment)  # fmt: skip
+                            settings.batch_size, settings.trainer_kwargs, settings.augment,
+                            settings.pass_precision)  # fmt: skip
     record = {
         "scenario": scenario.name,
         "protocol": scenario.protocol,

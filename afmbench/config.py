@@ -115,6 +115,7 @@ class DataConfig:
     augment: str | None = None  # crop_flip: training batches only
     resident: bool | None = None  # data on the device once; null: on CUDA devices
     pass_memory_mb: float = 256.0  # working memory of per-sample importance passes
+    pass_precision: str = "32-true"  # importance passes: 32-true | bf16-mixed
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # sizes are checked with the loop's (check_loop_options)

@@ -38,9 +38,11 @@ def run_identity(
     batch_size: int,
     trainer_kwargs: dict[str, Any],
     augment: str | None = None,
+    pass_precision: str = "32-true",
 ) -> dict[str, Any]:
     """Everything that changes what the run computes, as plain JSON-ready values (an
-    augmentation only when there is one, so runs without keep the hash they had)."""
+    augmentation, or importance passes in other than float32, only when there is one, so runs
+    without keep the hash they had)."""
     defaults = trainer_defaults()
     return {
         "scenario": {
@@ -58,6 +60,7 @@ def run_identity(
             if k not in PLACEMENT and not (k in defaults and defaults[k] == v)
         },
         **({"augment": augment} if augment else {}),
+        **({"pass_precision": pass_precision} if pass_precision != "32-true" else {}),
     }
 
 

@@ -21,9 +21,10 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from afmbench.augment import make_augmentation
-from afmbench.errors import AfmbenchWarning
+from afmbench.errors import AfmbenchWarning, ConfigError
 from afmbench.loader import TensorLoader
 from afmbench.module import ContinualModule
+from afmbench.persample import PRECISIONS
 from afmbench.plugin import ContinualPlugin
 from afmbench.progress import ExperienceProgressBar
 from afmbench.resume import restore
@@ -49,6 +50,14 @@ class LoopSettings:
     # hold each experience's data on the device: None on CUDA devices only, True forces it
     resident: bool | None = None
     pass_memory_mb: float = 256.0  # working-memory bound of per-sample importance passes
+    pass_precision: str = "32-true"  # importance passes in float32, or under bfloat16 autocast
+
+    def __post_init__(self) -> None:
+        if self.pass_precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown data.pass_precision '{self.pass_precision}'",
+                f"use one of {', '.join(PRECISIONS)}",
+            )
 
 
 def experience_seed(seed: int, step: int) -> int:
@@ -83,6 +92,7 @@ class ExperienceLoop:
         self.trainer: Trainer | None = None
         module.augment = make_augmentation(settings.augment, tuple(scenario.input_shape))
         module.seed, module.pass_memory_mb = settings.seed, settings.pass_memory_mb
+        module.pass_precision = settings.pass_precision
 
     def train(
         self, resume: dict[str, Any] | None = None, resume_from: Path | None = None

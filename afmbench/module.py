@@ -37,7 +37,8 @@ class ContinualModule(LightningModule):
 
     With :attr:`augment` set, training batches (and only they) are augmented on the device,
     drawn from ``(seed, experience, epoch)``. :attr:`pass_memory_mb` bounds the working memory
-    of per-sample importance passes (see :func:`afmbench.persample.per_sample_grad_sums`).
+    of per-sample importance passes and :attr:`pass_precision` sets their arithmetic (see
+    :func:`afmbench.persample.per_sample_grad_sums`).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ContinualModule(LightningModule):
         )
         self.seed = 0
         self.pass_memory_mb = 256.0
+        self.pass_precision = "32-true"
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning records the hook it is in (``_current_fx_name``) before and after every

@@ -25,6 +25,14 @@ compute the same sums:
 Samples go through in chunks sized to a memory bound (:func:`bounded_chunk`), so a pass over
 a ResNet needs a few hundred MB whatever the batch size.
 
+``precision="bf16-mixed"`` runs the forward pass under bfloat16 autocast and forms the
+closed-form layers' per-sample gradients in bfloat16 (their squares or absolute values are
+summed in float32): on a CPU with bfloat16 matrix units, or a GPU, the pass takes a fraction of
+the time. On a ResNet-18 with BatchNorm the sums differ from float32's by about 0.3 % in norm
+(3 % in the worst layer), below the sampling noise of an importance estimate; with GroupNorm,
+whose backward pass amplifies rounding, by about 1.4 % (8 %). The general path stays in
+float32.
+
 ``method="auto"`` takes the fast paths for every layer that saw exactly one call with one row
 per sample, and the general path for the remaining parameters.
 """
@@ -50,6 +58,8 @@ the square root of the weight when ``φ`` is the square."""
 
 Reduction = Literal["square", "abs"]
 Method = Literal["auto", "linear", "vmap"]
+Precision = Literal["32-true", "bf16-mixed"]
+PRECISIONS: tuple[Precision, ...] = ("32-true", "bf16-mixed")
 
 _REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {"square": torch.square, "abs": torch.abs}
 # the same, in place: for per-sample gradients formed only to be reduced (half the memory traffic)
@@ -67,6 +77,7 @@ def per_sample_grad_sums(
     method: Method = "auto",
     chunk_size: int | None = None,
     memory_mb: float = 256.0,
+    precision: Precision = "32-true",
 ) -> dict[str, Tensor]:
     """``Σ_i Σ_k φ(∂ terms(model, *inputs)[i, k] / ∂θ)`` for every trainable parameter θ.
 
@@ -74,8 +85,11 @@ def per_sample_grad_sums(
     trainable parameter is outside the layers the fast path serves (Linear, Conv2d, norms); ``"vmap"`` uses the
     general path for all parameters (for checking the fast one). The sums add up over samples,
     so the samples go through in chunks of ``chunk_size``, by default as many as keep the
-    working memory under ``memory_mb`` (:func:`bounded_chunk`).
+    working memory under ``memory_mb`` (:func:`bounded_chunk`). ``precision``: see the module
+    docstring.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     phi = _REDUCTIONS[reduction]
     params = named_parameters(model)
     n = inputs[0].shape[0]
@@ -84,7 +98,8 @@ def per_sample_grad_sums(
     with torch.enable_grad():
         for start in range(0, n, chunk):
             part = tuple(t[start : start + chunk] for t in inputs)
-            for name, value in _chunk_sums(model, terms, part, phi, method, params).items():
+            sums_of_chunk = _chunk_sums(model, terms, part, phi, method, params, precision)
+            for name, value in sums_of_chunk.items():
                 sums[name] = sums[name] + value if name in sums else value
     return {name: sums[name] for name in params}
 
@@ -148,11 +163,12 @@ def _chunk_sums(
     phi: Callable[[Tensor], Tensor],
     method: Method,
     params: dict[str, Tensor],
+    precision: Precision,
 ) -> dict[str, Tensor]:
     """The sums over one chunk: the fast paths where they serve, the general path for the rest."""
     sums: dict[str, Tensor] = {}
     if method != "vmap":
-        sums = _linear_sums(model, terms, inputs, phi, set(params))
+        sums = _linear_sums(model, terms, inputs, phi, set(params), precision)
     rest = {n: p for n, p in params.items() if n not in sums}
     if rest and method == "linear":
         raise ValueError(f"no closed-form per-sample rule for {', '.join(rest)}; use method='auto'")
@@ -167,6 +183,7 @@ def _linear_sums(
     inputs: tuple[Tensor, ...],
     phi: Callable[[Tensor], Tensor],
     trainable: set[str],
+    precision: Precision = "32-true",
 ) -> dict[str, Tensor]:
     """Fast-path sums for every Linear layer and every module with ``per_sample_grads`` that
     qualifies (see the module docstring)."""
@@ -178,8 +195,10 @@ def _linear_sums(
         )
         for name, module in layers.items()
     ]
+    bf16 = precision == "bf16-mixed"
     try:
-        table = terms(model, *inputs)
+        with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+            table = terms(model, *inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -199,7 +218,7 @@ def _linear_sums(
     }
     # φ(δ_ik a_iᵀ) = φ(δ_ik) φ(a_i)ᵀ: sum φ(δ) over the columns first, then one matmul per layer
     linear = [name for name in sites if isinstance(layers[name], nn.Linear)]
-    deltas = {name: torch.zeros_like(sites[name][1]) for name in linear}
+    deltas = {name: sums[f"{name}.weight"].new_zeros(sites[name][1].shape) for name in linear}
     for k in range(table.shape[1] if sites else 0):
         grads = torch.autograd.grad(
             table[:, k].sum(),
@@ -219,7 +238,7 @@ def _linear_sums(
                 sums[f"{name}.{key}"] += value
     for name in linear:
         a = sites[name][0]
-        sums[f"{name}.weight"] += deltas[name].T @ phi(a.detach())
+        sums[f"{name}.weight"] += deltas[name].T @ phi(a.detach().to(deltas[name].dtype))
         if f"{name}.bias" in sums:
             sums[f"{name}.bias"] += deltas[name].sum(0)
     return {n: s for n, s in sums.items() if n in trainable}
@@ -245,10 +264,21 @@ SHIFTED_FROM = 256
 
 
 def _reduced(module: nn.Module, a: Tensor, delta: Tensor, phi_: Callable) -> dict[str, Tensor]:
-    """``Σ_i φ(g_i)`` of a closed-form module's per-sample gradients ``g_i`` (``φ`` in place)."""
+    """``Σ_i φ(g_i)`` of a closed-form module's per-sample gradients ``g_i`` (``φ`` in place),
+    formed in the narrower of the input's and output gradient's types (bfloat16 under autocast)
+    and summed in at least float32."""
+    if a.dtype != delta.dtype:
+        narrow = min(a.dtype, delta.dtype, key=lambda t: t.itemsize)
+        a, delta = a.to(narrow), delta.to(narrow)
     if _shiftable(module, a):
         return _shifted_conv_sums(module, a, delta, phi_)
-    return {key: phi_(grad).sum(0) for key, grad in rule_of(module)(module, a, delta).items()}
+    grads = rule_of(module)(module, a, delta).items()
+    return {key: phi_(grad).sum(0, dtype=_wide(grad)) for key, grad in grads}
+
+
+def _wide(t: Tensor) -> torch.dtype:
+    """The type sums of ``t`` accumulate in: float32 at least."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _shiftable(module: nn.Module, a: Tensor) -> bool:
@@ -277,15 +307,15 @@ def _shifted_conv_sums(
     wide = w + 2 * p
     padded = F.pad(F.pad(a, (p, p, p, p)).flatten(2), (0, 2 * p))  # the last window's tail
     d = F.pad(delta, (0, 2 * p)).flatten(2)  # (n, out, h * wide)
-    weight = a.new_empty(conv.weight.shape)
+    weight = a.new_empty(conv.weight.shape, dtype=_wide(a))
     for u in range(k):
         for v in range(k):
             start = u * wide + v
             window = padded[:, :, start : start + h * wide].transpose(1, 2)
-            weight[:, :, u, v] = phi_(torch.bmm(d, window)).sum(0)
+            weight[:, :, u, v] = phi_(torch.bmm(d, window)).sum(0, dtype=weight.dtype)
     sums = {"weight": weight}
     if conv.bias is not None:
-        sums["bias"] = phi_(delta.flatten(2).sum(2)).sum(0)
+        sums["bias"] = phi_(delta.flatten(2).sum(2)).sum(0, dtype=weight.dtype)
     return sums
 
 

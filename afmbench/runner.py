@@ -198,6 +198,7 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     settings = LoopSettings(
         p.joint, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer, verbose=True,
         augment=p.data.augment, resident=p.data.resident, pass_memory_mb=p.data.pass_memory_mb,
+        pass_precision=p.data.pass_precision,
     )  # fmt: skip
     return start(
         scenario, model, p.plugins, settings, p.optimizer, run_dir,

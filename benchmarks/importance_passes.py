@@ -5,10 +5,12 @@ One experience of generated CIFAR-100 data (10 classes x 500 images, 8-bit value
 as the real loader does), the reduced ResNet-18 (``--width``, default 20), trained one epoch at
 the ``split_cifar100_resnet18`` experiment's protocol (SGD 0.03, batch 32, crop and flip);
 then each strategy's pass over the experience's 5000 training images under the memory bound
-``--memory-mb``. Each row times one pass (the strategy's ``estimate``) against that run's own
-epoch, so a drift in machine speed touches both alike.
+``--memory-mb``, in float32 or (``--pass-precision bf16-mixed``) under bfloat16 autocast; the
+training epoch is float32 either way. Each row times one pass (the strategy's ``estimate``)
+against that run's own epoch, so a drift in machine speed touches both alike.
 
     python benchmarks/importance_passes.py                 # about 5 minutes on a 2-core CPU
+    python benchmarks/importance_passes.py --pass-precision bf16-mixed
     python benchmarks/importance_passes.py --width 64 --memory-mb 512
 """
 
@@ -25,7 +27,7 @@ from generated import write_block
 
 import afmbench
 from afmbench.config import OptimizerConfig
-from afmbench.persample import bounded_chunk
+from afmbench.persample import PRECISIONS, bounded_chunk
 from afmbench.plugin import ContinualPlugin
 from afmbench.strategies import EWC, MAS, ANPyC
 from afmbench.strategies.ewc import log_likelihoods
@@ -82,7 +84,9 @@ def timed(plugin: ContinualPlugin, seconds: list[float]) -> ContinualPlugin:
     return plugin
 
 
-def measure(name: str, make, scenario, width: int, memory_mb: float) -> tuple[float, float]:
+def measure(
+    name: str, make, scenario, width: int, memory_mb: float, precision: str
+) -> tuple[float, float]:
     """One epoch and one pass of strategy ``name``: (epoch seconds, pass seconds)."""
     afmbench.seed_everything(0, verbose=False)
     model = afmbench.build_model("resnet18", scenario.input_shape, scenario.head_sizes, width=width)
@@ -90,7 +94,7 @@ def measure(name: str, make, scenario, width: int, memory_mb: float) -> tuple[fl
     afmbench.run(
         scenario, model, [timed(make(), passes), clock], max_epochs=1,
         batch_size=32, optimizer=OptimizerConfig("sgd", 0.03, momentum=0.0), augment="crop_flip",
-        pass_memory_mb=memory_mb, verbose=False,
+        pass_memory_mb=memory_mb, pass_precision=precision, verbose=False,
     )  # fmt: skip
     print(f"{name}: epoch {clock.seconds[0]:.1f} s, pass {passes[0]:.1f} s", flush=True)
     return clock.seconds[0], passes[0]
@@ -107,6 +111,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=20, help="ResNet-18 base width")
     parser.add_argument("--memory-mb", type=float, default=256.0, help="data.pass_memory_mb")
+    parser.add_argument("--pass-precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="the report")
     options = parser.parse_args()
@@ -120,19 +125,23 @@ def main() -> int:
     chunk = bounded_chunk(model.eval(), terms, (x[:256], y[:256]), options.memory_mb)
     rows = []
     for name in options.strategies:
-        epoch, spent = measure(name, STRATEGIES[name], scenario, options.width, options.memory_mb)
+        epoch, spent = measure(
+            name, STRATEGIES[name], scenario, options.width, options.memory_mb,
+            options.pass_precision,
+        )  # fmt: skip
         rows.append(f"| {name} | {epoch:.1f} | {spent:.1f} | {spent / epoch:.2f} |")
     command = (
         "python benchmarks/importance_passes.py"
         + (f" --width {options.width}" if options.width != 20 else "")
         + (f" --memory-mb {options.memory_mb:g}" if options.memory_mb != 256 else "")
+        + (f" --pass-precision {bf16}" if (bf16 := options.pass_precision) != "32-true" else "")
     )
     text = "\n".join(
         [
             f"Command: `{command}` ({platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}). ResNet-18 width {options.width}, {IMAGES} training "
             f"images of 32x32, memory bound {options.memory_mb:g} MB: EWC's per-sample passes go "
-            f"through in chunks of {chunk} samples.",
+            f"through in chunks of {chunk} samples, in {options.pass_precision}.",
             "",
             "| strategy | one training epoch (s) | importance pass (s) | pass / epoch |",
             "|---|---|---|---|",
@@ -140,7 +149,8 @@ def main() -> int:
             "",
         ]
     )
-    write_block(Path(options.output), f"importance-passes-w{options.width}", text)
+    suffix = "" if options.pass_precision == "32-true" else f"-{options.pass_precision}"
+    write_block(Path(options.output), f"importance-passes-w{options.width}{suffix}", text)
     print(text)
     return 0
 

@@ -169,3 +169,47 @@ def test_conv_per_sample_gradients_equal_autograd_one_sample_at_a_time(size, ker
         torch.testing.assert_close(ours["weight"][i], expected[0], rtol=1e-4, atol=1e-5)
         if bias:
             torch.testing.assert_close(ours["bias"][i], expected[1], rtol=1e-4, atol=1e-5)
+
+
+def relative_difference(a: dict, b: dict) -> torch.Tensor:
+    """‖a − b‖ / ‖b‖ over all the tables' entries together."""
+    difference = sum((a[n] - b[n]).square().sum() for n in b)
+    return (difference / sum(v.square().sum() for v in b.values())).sqrt()
+
+
+def test_bf16_importance_passes_stay_within_a_few_thousandths_of_float32():
+    torch.manual_seed(0)
+    model = build_model("resnet18", (3, 16, 16), (3, 3), width=8).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 3, 16, 16, generator=g)  # 16x16 maps: the shifted-window path too
+    y = torch.randint(0, 3, (24,), generator=g)
+    terms = partial(log_likelihoods, fisher="exact", task=1)
+    exact = per_sample_grad_sums(model, terms, (x, y), "square", chunk_size=8)
+    half = per_sample_grad_sums(model, terms, (x, y), "square", chunk_size=8,
+                                precision="bf16-mixed")  # fmt: skip
+    assert half.keys() == exact.keys()
+    assert all(v.dtype == torch.float32 for v in half.values())
+    assert 0 < relative_difference(half, exact) < 1e-2  # bfloat16 was used, and it stays close
+    for name, value in exact.items():  # head 0 is unused: zeros both ways
+        assert relative_difference({name: half[name]}, {name: value}).nan_to_num() < 0.1, name
+    with pytest.raises(ValueError, match="precision='fp16': use one of 32-true, bf16-mixed"):
+        per_sample_grad_sums(model, terms, (x, y), precision="fp16")
+
+
+def test_bf16_passes_reach_the_strategies_and_the_config_hash(tmp_path):
+    scenario = Scenario.from_tensors(
+        "tiny_images", "task",
+        [(torch.randn(24, 3, 8, 8), torch.arange(24) % 3, torch.zeros(24, dtype=torch.long))],
+        [(torch.randn(9, 3, 8, 8), torch.arange(9) % 3, torch.zeros(9, dtype=torch.long))],
+        head_sizes=(3,),
+    )  # fmt: skip
+    fishers, hashes = {}, {}
+    for precision in ("32-true", "bf16-mixed"):
+        ewc = EWC(lambda_=1.0)
+        result = afmbench.run(scenario, tiny(heads=(3,)), [ewc], max_epochs=1, batch_size=8,
+                              pass_precision=precision, verbose=False)  # fmt: skip
+        fishers[precision], hashes[precision] = ewc.importance(), result.metrics["config_hash"]
+    assert 0 < relative_difference(fishers["bf16-mixed"], fishers["32-true"]) < 0.05
+    assert hashes["32-true"] != hashes["bf16-mixed"]
+    with pytest.raises(ConfigError, match="unknown data.pass_precision 'bf16'"):
+        afmbench.run(scenario, tiny(heads=(3,)), [EWC()], pass_precision="bf16", verbose=False)

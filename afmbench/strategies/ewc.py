@@ -80,8 +80,9 @@ class EWC(QuadraticPenalty):
                 inputs = (x, y, -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-7))))
             terms = partial(log_likelihoods, fisher=self.fisher, task=task)
             return per_sample_grad_sums(
-                model, terms, inputs, "square", memory_mb=module.pass_memory_mb
-            )
+                model, terms, inputs, "square",
+                memory_mb=module.pass_memory_mb, precision=module.pass_precision,
+            )  # fmt: skip
 
         return data_mean(module, sums, max_samples=self.fisher_samples, label="ewc Fisher")
 

@@ -45,7 +45,10 @@ class MAS(QuadraticPenalty):
 
         def sums(x: Tensor, y: Tensor, task: int) -> dict[str, Tensor]:
             terms = partial(squared_norm, task=task)
-            return per_sample_grad_sums(model, terms, (x,), "abs", memory_mb=module.pass_memory_mb)
+            return per_sample_grad_sums(
+                model, terms, (x,), "abs",
+                memory_mb=module.pass_memory_mb, precision=module.pass_precision,
+            )  # fmt: skip
 
         return data_mean(module, sums, max_samples=self.samples, label="mas importance")
 
