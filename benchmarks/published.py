@@ -27,8 +27,11 @@ from generated import write_block
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-# runs of the van de Ven and Buzzega suites on normalized MNIST, before they set normalize=false
-NORMALIZED = RESULTS / "normalized"
+#: earlier protocols of a suite, kept for comparison: results/<folder>/<suite>.jsonl -> its label
+EARLIER = {
+    "normalized": "Earlier runs, on Avalanche's normalized MNIST (add `scenario.normalize=true`):",
+    "unpadded": "Earlier runs, on 28×28 images (add `scenario.pad=0`):",
+}
 ARMS = HERE.parent / "afmbench" / "configs" / "arm"
 PAGE = HERE / "PUBLISHED.md"
 
@@ -294,11 +297,10 @@ def main() -> int:
         suites = sorted(PUBLISHED)  # other suites' results have pages of their own
         for suite in suites:
             write_block(PAGE, suite, table(suite))
-            if (NORMALIZED / f"{suite}.jsonl").is_file():  # the earlier runs, kept for comparison
-                earlier = (
-                    "Earlier runs, on Avalanche's normalized MNIST (add `scenario.normalize=true`):"
-                )
-                write_block(PAGE, f"{suite}-normalized", f"{earlier}\n\n{table(suite, NORMALIZED)}")
+            for folder, label in EARLIER.items():
+                if (RESULTS / folder / f"{suite}.jsonl").is_file():
+                    earlier = table(suite, RESULTS / folder)
+                    write_block(PAGE, f"{suite}-{folder}", f"{label}\n\n{earlier}")
         for tuning in TUNING:
             write_block(PAGE, tuning, strengths(tuning))
         print(f"wrote {PAGE} ({', '.join(suites)})")
