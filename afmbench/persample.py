@@ -265,20 +265,16 @@ SHIFTED_FROM = 256
 
 def _reduced(module: nn.Module, a: Tensor, delta: Tensor, phi_: Callable) -> dict[str, Tensor]:
     """``Σ_i φ(g_i)`` of a closed-form module's per-sample gradients ``g_i`` (``φ`` in place),
-    formed in the narrower of the input's and output gradient's types (bfloat16 under autocast)
-    and summed in at least float32."""
+    formed and summed over the chunk in the narrower of the input's and output gradient's types
+    (bfloat16 under autocast: the sum accumulates in float32 and is rounded once per chunk;
+    converting every per-sample gradient to float32 first would cost more than the matmul)."""
     if a.dtype != delta.dtype:
         narrow = min(a.dtype, delta.dtype, key=lambda t: t.itemsize)
         a, delta = a.to(narrow), delta.to(narrow)
     if _shiftable(module, a):
         return _shifted_conv_sums(module, a, delta, phi_)
     grads = rule_of(module)(module, a, delta).items()
-    return {key: phi_(grad).sum(0, dtype=_wide(grad)) for key, grad in grads}
-
-
-def _wide(t: Tensor) -> torch.dtype:
-    """The type sums of ``t`` accumulate in: float32 at least."""
-    return torch.promote_types(t.dtype, torch.float32)
+    return {key: phi_(grad).sum(0) for key, grad in grads}
 
 
 def _shiftable(module: nn.Module, a: Tensor) -> bool:
@@ -303,19 +299,22 @@ def _shifted_conv_sums(
     padded grid (zeros past each row) times that window is the per-sample gradient of the
     weights at ``(u, v)``."""
     k, p = conv.kernel_size[0], conv.padding[0]
-    n, _, h, w = a.shape
+    h, w = a.shape[2:]
     wide = w + 2 * p
-    padded = F.pad(F.pad(a, (p, p, p, p)).flatten(2), (0, 2 * p))  # the last window's tail
+    # positions row by row, channels last: every window is a block of whole rows, which the
+    # batched matmul reads in place (a window of channels-first rows it would copy first)
+    padded = F.pad(a.permute(0, 2, 3, 1), (0, 0, p, p, p, p)).flatten(1, 2)
+    padded = F.pad(padded, (0, 0, 0, 2 * p))  # the last window's tail
     d = F.pad(delta, (0, 2 * p)).flatten(2)  # (n, out, h * wide)
-    weight = a.new_empty(conv.weight.shape, dtype=_wide(a))
+    weight = a.new_empty(conv.weight.shape, dtype=conv.weight.dtype)
     for u in range(k):
         for v in range(k):
             start = u * wide + v
-            window = padded[:, :, start : start + h * wide].transpose(1, 2)
-            weight[:, :, u, v] = phi_(torch.bmm(d, window)).sum(0, dtype=weight.dtype)
+            window = padded[:, start : start + h * wide]
+            weight[:, :, u, v] = phi_(torch.bmm(d, window)).sum(0)
     sums = {"weight": weight}
     if conv.bias is not None:
-        sums["bias"] = phi_(delta.flatten(2).sum(2)).sum(0, dtype=weight.dtype)
+        sums["bias"] = phi_(delta.flatten(2).sum(2)).sum(0).to(weight.dtype)
     return sums
 
 
