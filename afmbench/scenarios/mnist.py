@@ -65,13 +65,13 @@ def permuted_mnist(
     params = scenario_params(n_experiences=n_experiences, protocol=protocol, seed=seed)
     params.update(_unless_normalized(normalize))
     params.update({"pad": pad} if pad else {})  # unpadded runs keep their hash and cache
-    source = data_root(root), cache_root(cache)
+    data, cache_dir = data_root(root), cache_root(cache)
     build = (
-        partial(_permuted_padded, n_experiences, protocol, seed, normalize, pad, source[0])
+        partial(_permuted_padded, n_experiences, protocol, seed, normalize, pad, data)
         if pad
-        else partial(_permuted, n_experiences, protocol, seed, normalize, *source)
+        else partial(_permuted, n_experiences, protocol, seed, normalize, data, cache_dir)
     )
-    return cached_scenario("permuted_mnist", protocol, params, build, source[1], source[0])
+    return cached_scenario("permuted_mnist", protocol, params, build, cache_dir, data)
 
 
 def split_mnist(
