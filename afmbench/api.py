@@ -47,6 +47,7 @@ def run(
     plugins: Sequence[ContinualPlugin] = (),
     *,
     joint: bool = False,
+    cumulative: bool = False,
     max_epochs: int = 1,
     batch_size: int = 32,
     eval_batch_size: int = 1024,
@@ -67,7 +68,8 @@ def run(
 ) -> RunResult:
     """Train ``model`` on ``scenario`` with ``plugins`` and return the accuracy matrix and metrics.
 
-    ``joint=True`` trains once on all experiences' data (the upper bound). With ``run_dir``
+    ``joint=True`` trains once on all experiences' data (the upper bound); ``cumulative=True``
+    trains each experience on its own data and that of every earlier one. With ``run_dir``
     set, the run folder is written as the run goes (``figures=True`` draws its PNGs at the end).
     ``resume=True`` (or a run folder /
     checkpoint path) continues an interrupted run after its last complete experience; the
@@ -83,8 +85,9 @@ def run(
         raise ConfigError(f"figures must be True or False, got {figures!r}", "e.g. figures=True")
     trainer_kwargs = {"max_epochs": max_epochs, **(trainer_kwargs or {})}
     check_loop_options(max_epochs, batch_size, eval_batch_size, trainer_kwargs)
-    settings = LoopSettings(joint, batch_size, eval_batch_size, seed, trainer_kwargs, verbose,
-                            augment, resident, float(pass_memory_mb), pass_precision)  # fmt: skip
+    settings = LoopSettings(joint, cumulative, batch_size, eval_batch_size, seed, trainer_kwargs,
+                            verbose, augment, resident, float(pass_memory_mb),
+                            pass_precision)  # fmt: skip
     return start(
         scenario, model, plugins, settings, optimizer or OptimizerConfig(), run_dir,
         lambda _folder: logger, resume=resume, leaderboard=leaderboard,
@@ -111,11 +114,11 @@ def start(
     (kept as ``config.yaml`` and logged as the hyperparameters)."""
     identity = run_identity(scenario, model, plugins, settings.joint, optimizer,
                             settings.batch_size, settings.trainer_kwargs, settings.augment,
-                            settings.pass_precision)  # fmt: skip
+                            settings.pass_precision, settings.cumulative)  # fmt: skip
     record = {
         "scenario": scenario.name,
         "protocol": scenario.protocol,
-        "strategy": strategy_label(plugins, settings.joint),
+        "strategy": strategy_label(plugins, settings.joint, settings.cumulative),
         "forgetting_layer": any(getattr(p, "is_forgetting_layer", False) for p in plugins),
         "seed": settings.seed,
         "model": identity["model"].get("name", type(model).__name__),

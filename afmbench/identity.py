@@ -39,10 +39,11 @@ def run_identity(
     trainer_kwargs: dict[str, Any],
     augment: str | None = None,
     pass_precision: str = "32-true",
+    cumulative: bool = False,
 ) -> dict[str, Any]:
     """Everything that changes what the run computes, as plain JSON-ready values (an
-    augmentation, or importance passes in other than float32, only when there is one, so runs
-    without keep the hash they had)."""
+    augmentation, importance passes in other than float32, or cumulative training, only when
+    there is one, so runs without keep the hash they had)."""
     defaults = trainer_defaults()
     return {
         "scenario": {
@@ -52,6 +53,7 @@ def run_identity(
         "model": model_identity(model),
         "plugins": [p.identity() for p in plugins],
         "joint": joint,
+        **({"cumulative": True} if cumulative else {}),
         "optimizer": optimizer_identity(optimizer),
         "batch_size": batch_size,
         "trainer": {
@@ -94,8 +96,13 @@ def trainer_defaults() -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
 
 
-def strategy_label(plugins: Sequence[ContinualPlugin], joint: bool) -> str:
-    """The strategy a run records: ``joint``, else its strategies' names joined by ``+``
-    (``ewc+si``; the forgetting layer is recorded apart), or ``naive`` when there are none."""
+def strategy_label(
+    plugins: Sequence[ContinualPlugin], joint: bool, cumulative: bool = False
+) -> str:
+    """The strategy a run records: ``joint`` or ``cumulative``, else its strategies' names
+    joined by ``+`` (``ewc+si``; the forgetting layer is recorded apart), or ``naive`` when
+    there are none."""
+    if joint or cumulative:
+        return "joint" if joint else "cumulative"
     names = [p.name for p in plugins if not getattr(p, "is_forgetting_layer", False)]
-    return "joint" if joint else "+".join(names) or "naive"
+    return "+".join(names) or "naive"

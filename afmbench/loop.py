@@ -41,6 +41,7 @@ class LoopSettings:
     """How each experience is trained and evaluated."""
 
     joint: bool = False
+    cumulative: bool = False  # experience t trains on the union of experiences 0..t
     batch_size: int = 32
     eval_batch_size: int = 1024
     seed: int = 0
@@ -53,6 +54,11 @@ class LoopSettings:
     pass_precision: str = "32-true"  # importance passes in float32, or under bfloat16 autocast
 
     def __post_init__(self) -> None:
+        if self.joint and self.cumulative:
+            raise ConfigError(
+                "joint and cumulative training exclude each other",
+                "pick one: joint trains once on all data, cumulative on all data so far",
+            )
         if self.pass_precision not in PRECISIONS:
             raise ConfigError(
                 f"unknown data.pass_precision '{self.pass_precision}'",
@@ -148,11 +154,15 @@ class ExperienceLoop:
         self.book.baseline = self._validate(row=0)
 
     def fit(self, step: int) -> None:
-        """Train experience ``step`` (all experiences at once for joint training)."""
+        """Train experience ``step`` (all experiences at once for joint training, all so far
+        for cumulative training)."""
         joint, seed = self.settings.joint, experience_seed(self.settings.seed, step)
-        split = self.scenario.joint_train() if joint else self.scenario.train(step)
+        if joint or self.settings.cumulative:
+            split = self.scenario.joint_train(None if joint else step + 1)
+        else:
+            split = self.scenario.train(step)
         self.module.experience = step
-        self.module.task_id = _task_argument(self.scenario, step, joint)
+        self.module.task_id = _task_argument(self.scenario, step, joint or self.settings.cumulative)
         self.module.train_split = split
         seed_everything(seed, verbose=False)
         loader = TensorLoader(split, self.settings.batch_size, shuffle=True, seed=seed)
@@ -235,11 +245,12 @@ class ExperienceLoop:
         )
 
 
-def _task_argument(scenario: Scenario, step: int, joint: bool) -> int | None:
-    """The head to train: the experience's task label, or None (per sample) for joint task-IL."""
+def _task_argument(scenario: Scenario, step: int, mixed: bool) -> int | None:
+    """The head to train: the experience's task label, or None (per sample) where the training
+    data mixes tasks (joint and cumulative task-IL)."""
     if not scenario.multi_head:
         return 0
-    return None if joint else scenario.task_ids[step]
+    return None if mixed else scenario.task_ids[step]
 
 
 @contextmanager

@@ -53,6 +53,7 @@ class Plan:
     model: dict[str, Any]
     plugins: list[ContinualPlugin]
     joint: bool
+    cumulative: bool
     optimizer: OptimizerConfig
     data: DataConfig
     trainer: dict[str, Any]
@@ -127,6 +128,7 @@ def plan(cfg: DictConfig) -> Plan:
         model={"name": model_name, **model},
         plugins=plugins,
         joint=strategy_name == "joint",
+        cumulative=strategy_name == "cumulative",
         optimizer=optimizer,
         data=data,
         trainer=trainer,
@@ -142,7 +144,7 @@ def plan(cfg: DictConfig) -> Plan:
 
 def build_plugin(node: DictConfig, where: str) -> ContinualPlugin | None:
     """The plugin that ``node``'s ``_target_`` names, built from the node's other keys (None
-    for a strategy without one: naive and joint)."""
+    for a strategy without one: naive, joint and cumulative)."""
     target = node.get("_target_")
     if target is None:
         check_params(node, lambda: None, where, skip=("name", "_target_"))
@@ -196,7 +198,8 @@ def execute(cfg: DictConfig, run_dir: str | Path, group: str | None = None) -> R
     seed_everything(p.seed, verbose=False)
     model = build_model(p.model.pop("name"), scenario.input_shape, scenario.head_sizes, **p.model)
     settings = LoopSettings(
-        p.joint, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer, verbose=True,
+        p.joint, p.cumulative, p.data.batch_size, p.data.eval_batch_size, p.seed, p.trainer,
+        verbose=True,
         augment=p.data.augment, resident=p.data.resident, pass_memory_mb=p.data.pass_memory_mb,
         pass_precision=p.data.pass_precision,
     )  # fmt: skip

@@ -84,10 +84,11 @@ def test_the_record_names_stacked_strategies_as_the_python_api_does():
         ("strategy=ewc", "forgetting=on"): "ewc",
         ("strategy=naive",): "naive",
         ("strategy=joint",): "joint",
+        ("strategy=cumulative",): "cumulative",
     }
     for overrides, expected in names.items():
         p = plan(load_config(list(overrides)))
-        assert strategy_label(p.plugins, p.joint) == expected, overrides
+        assert strategy_label(p.plugins, p.joint, p.cumulative) == expected, overrides
 
 
 def _yaml_defaults(group: str):
@@ -161,7 +162,7 @@ def test_load_config_mistakes_are_the_cli_s_one_line_errors():
     for overrides, expected in [
         (
             ["strategy=ewcc"],
-            "unknown strategy 'ewcc'; fix: use one of agem, anpyc, derpp, er, ewc, joint, lwf",
+            "unknown strategy 'ewcc'; fix: use one of agem, anpyc, cumulative, derpp, er, ewc, joint, lwf",
         ),
         (["optimizer.lrr=1"], "unknown option optimizer.lrr; fix: did you mean optimizer.lr?"),
     ]:

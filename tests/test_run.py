@@ -77,6 +77,45 @@ def test_joint_is_an_upper_bound_on_naive():
     assert joint.metrics["strategy"] == "joint" and joint.metrics["bwt"] is None
 
 
+def test_cumulative_is_naive_on_the_data_seen_so_far():
+    """Two routes: cumulative training, and naive training on experiences whose training sets
+    are the unions by hand, give one accuracy matrix; fine-tuning alone forgets."""
+    from afmbench.scenarios.base import Scenario
+
+    scenario = afmbench.build_scenario("split_digits", protocol="class")
+    unions = Scenario.from_tensors(
+        "by_hand", "class",
+        [scenario.joint_train(e + 1) for e in range(5)],
+        [scenario.test(e) for e in range(5)],
+        scenario.head_sizes,
+    )  # fmt: skip
+    sizes = [len(scenario.train(e)[1]) for e in range(5)]
+    assert [len(unions.train(e)[1]) for e in range(5)] == list(np.cumsum(sizes))
+
+    def run(scenario, **kwargs):
+        afmbench.seed_everything(0)
+        model = afmbench.build_model("mlp", scenario.input_shape, scenario.head_sizes, hidden=[32])
+        return afmbench.run(scenario, model, max_epochs=2, verbose=False, **kwargs)
+
+    cumulative, by_hand, naive = run(scenario, cumulative=True), run(unions), run(scenario)
+    assert np.array_equal(cumulative.accuracy_matrix, by_hand.accuracy_matrix)
+    assert cumulative.metrics["strategy"] == "cumulative"
+    assert cumulative.metrics["config_hash"] != naive.metrics["config_hash"]
+    assert cumulative.metrics["bwt"] is not None
+    assert cumulative.metrics["acc"] > naive.metrics["acc"] + 0.3  # class-IL naive forgets
+
+
+def test_cumulative_task_incremental_trains_every_head_it_has_seen():
+    result = _digits_run(cumulative=True)
+    assert result.accuracy_matrix.shape == (5, 5)
+    assert result.accuracy_matrix[-1].min() > 0.9
+
+
+def test_joint_and_cumulative_together_is_one_clear_error():
+    with pytest.raises(afmbench.ConfigError, match="joint and cumulative training exclude"):
+        _digits_run(joint=True, cumulative=True)
+
+
 def test_checkpoints_carry_model_and_accuracy_matrix(tmp_path):
     result = _digits_run(run_dir=tmp_path / "run", keep_checkpoints=True)
     assert len(list((tmp_path / "run" / "checkpoints").glob("experience_*.ckpt"))) == 5

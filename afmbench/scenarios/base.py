@@ -162,9 +162,10 @@ class Scenario:
         return replace(self, store=HeldOut(self.store, fraction, seed),
                        params={**self.params, "validation": fraction})  # fmt: skip
 
-    def joint_train(self) -> Split:
-        """Every experience's training data in one split (the ``joint`` upper bound)."""
-        parts = [self.train(e) for e in range(self.n_experiences)]
+    def joint_train(self, up_to: int | None = None) -> Split:
+        """The training data of the first ``up_to`` experiences (all by default) in one split:
+        the ``joint`` upper bound, or one step of ``cumulative`` training."""
+        parts = [self.train(e) for e in range(self.n_experiences if up_to is None else up_to)]
         x, y, t = (torch.cat(column) for column in zip(*parts))
         return x, y, t
 

@@ -2,8 +2,8 @@
 
 Each has a YAML beside the others in ``afmbench/configs/strategy/`` whose ``_target_`` names
 its class, so ``strategy=<name>`` on the command line needs no registry; ``naive`` (plain
-fine-tuning, the lower bound) and ``joint`` (all data at once, the upper bound) need no
-plugin. Every plugin is also usable from Python, e.g. ``EWC(lambda_=100.0)``, and any number
+fine-tuning, the lower bound), ``joint`` (all data at once, the upper bound) and
+``cumulative`` (each experience with all data so far) need no plugin. Every plugin is also usable from Python, e.g. ``EWC(lambda_=100.0)``, and any number
 of them compose in one run (their penalties add up). Two instances of one strategy in a run
 need distinct ``name`` attributes: penalties and checkpointed state are keyed by it.
 """
