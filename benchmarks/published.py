@@ -59,6 +59,13 @@ def _hsu(method: str, mean: float, sd: float) -> Published:
     return Published(method, mean, sd, "pop-sd", 10)
 
 
+def _vandeven(suite: str, rows: tuple[tuple[str, str, float, float | None], ...]) -> dict:
+    """van de Ven & Tolias's figures: mean ± SEM of 20 seeds (SEM None where it is not known)."""
+    return {
+        f"{suite}/{arm}": Published(label, mean, sem, "sem", 20) for arm, label, mean, sem in rows
+    }
+
+
 # suite -> (where the figures stand, {arm: published figure}); arms not listed are ours alone.
 PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
     "hsu2018_split_mnist_task": (
@@ -96,9 +103,9 @@ PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
         "seeds. The paper's text could not be reached here; two independent readings of it "
         "agree with every figure: one quotes the EWC row with its SEM, the other gives every "
         "row to one decimal. The other rows' SEMs are not known, so only ours bounds them.",
-        {
-            f"vandeven2019_split_mnist/{arm}": Published(label, mean, sem, "sem", 20)
-            for arm, label, mean, sem in (
+        _vandeven(
+            "vandeven2019_split_mnist",
+            (
                 ("task_none", "task-IL none", 87.19, None),
                 ("task_ewc", "task-IL EWC", 98.64, 0.22),
                 ("task_online_ewc", "task-IL online EWC", 99.12, None),
@@ -107,24 +114,24 @@ PUBLISHED: dict[str, tuple[str, dict[str, Published]]] = {
                 ("domain_ewc", "domain-IL EWC", 63.95, 1.90),
                 ("domain_online_ewc", "domain-IL online EWC", 64.32, None),
                 ("domain_si", "domain-IL SI", 65.36, None),
-            )
-        },
+            ),
+        ),
     ),
     "vandeven2019_permuted_mnist": (
         'van de Ven & Tolias, arXiv 1809.10635 as submitted to ICLR 2019 ("Generative replay '
         'with feedback connections..."), Table 4, incremental domain learning column: mean ± '
         "SEM of 20 seeds. The four regularization figures are those given to us as arXiv "
         "1904.07734's.",
-        {
-            f"vandeven2019_permuted_mnist/{arm}": Published(label, mean, sem, "sem", 20)
-            for arm, label, mean, sem in (
+        _vandeven(
+            "vandeven2019_permuted_mnist",
+            (
                 ("none", "none", 78.51, 0.24),
                 ("cumulative", "offline (cumulative)", 97.59, 0.01),
                 ("ewc", "EWC", 94.31, 0.11),
                 ("online_ewc", "online EWC", 94.42, 0.13),
                 ("si", "SI", 95.33, 0.11),
-            )
-        },
+            ),
+        ),
     ),
 }
 
