@@ -59,7 +59,9 @@ def _hsu(method: str, mean: float, sd: float) -> Published:
     return Published(method, mean, sd, "pop-sd", 10)
 
 
-def _vandeven(suite: str, rows: tuple[tuple[str, str, float, float | None], ...]) -> dict:
+def _vandeven(
+    suite: str, rows: tuple[tuple[str, str, float, float | None], ...]
+) -> dict[str, Published]:
     """van de Ven & Tolias's figures: mean ± SEM of 20 seeds (SEM None where it is not known)."""
     return {
         f"{suite}/{arm}": Published(label, mean, sem, "sem", 20) for arm, label, mean, sem in rows
