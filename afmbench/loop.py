@@ -157,12 +157,11 @@ class ExperienceLoop:
         """Train experience ``step`` (all experiences at once for joint training, all so far
         for cumulative training)."""
         joint, seed = self.settings.joint, experience_seed(self.settings.seed, step)
-        if joint or self.settings.cumulative:
-            split = self.scenario.joint_train(None if joint else step + 1)
-        else:
-            split = self.scenario.train(step)
+        mixed = joint or self.settings.cumulative  # one split of several experiences' data
+        split = (self.scenario.joint_train(None if joint else step + 1) if mixed
+                 else self.scenario.train(step))  # fmt: skip
         self.module.experience = step
-        self.module.task_id = _task_argument(self.scenario, step, joint or self.settings.cumulative)
+        self.module.task_id = _task_argument(self.scenario, step, mixed)
         self.module.train_split = split
         seed_everything(seed, verbose=False)
         loader = TensorLoader(split, self.settings.batch_size, shuffle=True, seed=seed)
