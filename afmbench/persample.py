@@ -28,10 +28,10 @@ a ResNet needs a few hundred MB whatever the batch size.
 ``precision="bf16-mixed"`` runs the forward pass under bfloat16 autocast and forms the
 closed-form layers' per-sample gradients in bfloat16 (their squares or absolute values are
 summed over a chunk with float32 accumulation, and across chunks in float32): on a CPU with
-bfloat16 matrix units, or a GPU, the pass takes a fraction of the time. On a ResNet-18 with BatchNorm the sums differ from float32's by about 0.3 % in norm
-(3 % in the worst layer), below the sampling noise of an importance estimate; with GroupNorm,
-whose backward pass amplifies rounding, by about 1.4 % (8 %). The general path stays in
-float32.
+bfloat16 matrix units, or a GPU, the pass takes a fraction of the time. On a ResNet-18 with
+BatchNorm the sums differ from float32's by about 0.3 % in norm (3 % in the worst layer),
+below the sampling noise of an importance estimate; with GroupNorm, whose backward pass
+amplifies rounding, by about 1.4 % (8 %). The general path stays in float32.
 
 ``method="auto"`` takes the fast paths for every layer that saw exactly one call with one row
 per sample, and the general path for the remaining parameters.
